@@ -1,0 +1,65 @@
+"""lorakit: Low-Rank Adaptation for PyTorch models. y = W x + (alpha / rank) * B(A x)."""
+
+from .adapters import active_adapters, adapter_names, delete_adapter, set_active
+from .config import LoraConfig
+from .errors import (
+    AdapterError,
+    CheckpointError,
+    ConfigError,
+    LorakitError,
+    MergeError,
+    TargetNotFoundError,
+    UnsupportedLayerError,
+)
+from .functional import delta_weight
+from .inject import (
+    InjectionReport,
+    inject,
+    lora_layers,
+    print_trainable_parameters,
+    summary,
+    trainable_parameters,
+)
+from .layers import LoRA, LoRAConv1d, LoRAConv2d, LoRAConv3d, LoRAEmbedding, LoRALinear, LoraLayer
+from .merge import disabled, merge, merge_and_unload, unload, unmerge
+from .seed import build, lora_delta, output_size, wrap
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdapterError",
+    "CheckpointError",
+    "ConfigError",
+    "InjectionReport",
+    "LoRA",
+    "LoRAConv1d",
+    "LoRAConv2d",
+    "LoRAConv3d",
+    "LoRAEmbedding",
+    "LoRALinear",
+    "LoraConfig",
+    "LoraLayer",
+    "LorakitError",
+    "MergeError",
+    "TargetNotFoundError",
+    "UnsupportedLayerError",
+    "active_adapters",
+    "adapter_names",
+    "build",
+    "delete_adapter",
+    "delta_weight",
+    "disabled",
+    "inject",
+    "lora_delta",
+    "lora_layers",
+    "merge",
+    "merge_and_unload",
+    "output_size",
+    "print_trainable_parameters",
+    "set_active",
+    "summary",
+    "trainable_parameters",
+    "unload",
+    "unmerge",
+    "wrap",
+]

@@ -1,0 +1,179 @@
+"""`LoraConfig`: every LoRA option in one frozen dataclass, validated once."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from .errors import ConfigError
+
+Bias = Literal["none", "all", "lora_only"]
+Init = Literal["kaiming", "gaussian", "zeros"]
+ALL_LINEAR = "all-linear"
+
+_BIAS = ("none", "all", "lora_only")
+_INIT = ("kaiming", "gaussian", "zeros")
+
+
+def check_rank(rank: object, option: str = "rank") -> int:
+    """Return `rank` if it is a positive int, else raise ConfigError naming `option`."""
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
+        raise ConfigError(f"{option} must be a positive integer, got {rank!r}")
+    return rank
+
+
+def check_alpha(alpha: object, option: str = "alpha") -> float:
+    """Return `alpha` as a float if it is a positive finite number, else raise ConfigError."""
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+        raise ConfigError(f"{option} must be a positive finite number, got {alpha!r}")
+    if not math.isfinite(alpha) or alpha <= 0:
+        raise ConfigError(f"{option} must be a positive finite number, got {alpha!r}")
+    return float(alpha)
+
+
+def check_dropout(p: object, option: str = "dropout") -> float:
+    """Return `p` if 0 <= p < 1, else raise ConfigError."""
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
+        raise ConfigError(f"{option} must be a number in [0, 1), got {p!r}")
+    return float(p)
+
+
+def check_choice(value: object, option: str, choices: Sequence[str]) -> str:
+    """Return `value` if it is one of `choices`, else raise ConfigError listing them."""
+    if value not in choices:
+        raise ConfigError(f"{option} must be one of {list(choices)}, got {value!r}")
+    return value  # type: ignore[return-value]
+
+
+def scaling(rank: int, alpha: float, use_rslora: bool = False) -> float:
+    """The LoRA scale: alpha / rank, or alpha / sqrt(rank) with rsLoRA."""
+    return alpha / math.sqrt(rank) if use_rslora else alpha / rank
+
+
+def pattern_key(patterns: Mapping[str, object], module_name: str) -> str | None:
+    """The first key of `patterns` that matches the end of `module_name` (PEFT's rule).
+
+    A key matches when `module_name` is the key, or ends with "." + key; keys are regexes.
+    """
+    for key in patterns:
+        if re.fullmatch(rf"(.*\.)?(?:{key})", module_name):
+            return key
+    return None
+
+
+def _as_tuple(value: object, option: str) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        return (value,)
+    if isinstance(value, Sequence) and all(isinstance(v, str) and v for v in value):
+        return tuple(value)
+    raise ConfigError(f"{option} must be a list of module names, got {value!r}")
+
+
+def _as_dtype(value: object) -> torch.dtype | None:
+    if value is None or isinstance(value, torch.dtype):
+        return value
+    dtype = getattr(torch, str(value), None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ConfigError(f"dtype must be a floating torch dtype or its name, got {value!r}")
+    return dtype
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """Options of one LoRA adapter, validated in `__post_init__`.
+
+    Scale s = alpha / rank (or alpha / sqrt(rank) with `use_rslora`); y = W x + s * B A x.
+
+    Args:
+        rank: inner dimension r of A (r x in) and B (out x r). Default 8.
+        alpha: numerator of the scale. Default 16.0.
+        dropout: dropout on the adapter's input, in [0, 1). Default 0.
+        targets: module names or name suffixes (a list), one regex matched against the whole
+            module path (a str), or "all-linear" (every Linear / GPT-2 Conv1D but the output head).
+        exclude: names or suffixes (a list) or a regex (a str) never adapted.
+        rank_pattern / alpha_pattern: {suffix regex: value} overrides per module.
+        use_rslora: scale by alpha / sqrt(rank).
+        bias: "none", "all" (every bias trains) or "lora_only" (biases of adapted layers train).
+        modules_to_save: modules (names or suffixes) trained in full, e.g. a classifier head.
+        init: "kaiming" (PEFT: A kaiming-uniform, B zero), "gaussian" (Edifice: A ~ N(0, 0.02),
+            B zero) or "zeros" (both zero; for loading). Embeddings swap A and B (PEFT).
+        dtype: adapter parameter dtype; float32 by default, None follows the base layer.
+
+    Raises:
+        ConfigError: an option has an invalid value; the message names it.
+    """
+
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: str | tuple[str, ...] = ALL_LINEAR
+    exclude: str | tuple[str, ...] = ()
+    rank_pattern: Mapping[str, int] = field(default_factory=dict)
+    alpha_pattern: Mapping[str, float] = field(default_factory=dict)
+    use_rslora: bool = False
+    bias: Bias = "none"
+    modules_to_save: tuple[str, ...] = ()
+    init: Init = "kaiming"
+    dtype: torch.dtype | None = torch.float32
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__  # frozen: normalise once, here
+        check_rank(self.rank)
+        set_(self, "alpha", check_alpha(self.alpha))
+        set_(self, "dropout", check_dropout(self.dropout))
+        if isinstance(self.targets, str):
+            _compile(self.targets, "targets")
+        else:
+            set_(self, "targets", _as_tuple(self.targets, "targets"))
+            if not self.targets:
+                raise ConfigError("targets must name at least one module, got []")
+        if isinstance(self.exclude, str) and self.exclude:
+            _compile(self.exclude, "exclude")
+        elif not isinstance(self.exclude, str):
+            set_(self, "exclude", _as_tuple(self.exclude, "exclude"))
+        set_(self, "modules_to_save", _as_tuple(self.modules_to_save, "modules_to_save"))
+        for key, r in dict(self.rank_pattern).items():
+            _compile(key, "rank_pattern")
+            check_rank(r, f"rank_pattern[{key!r}]")
+        for key, a in dict(self.alpha_pattern).items():
+            _compile(key, "alpha_pattern")
+            check_alpha(a, f"alpha_pattern[{key!r}]")
+        set_(self, "rank_pattern", dict(self.rank_pattern))
+        set_(self, "alpha_pattern", {k: float(v) for k, v in dict(self.alpha_pattern).items()})
+        if not isinstance(self.use_rslora, bool):
+            raise ConfigError(f"use_rslora must be a bool, got {self.use_rslora!r}")
+        check_choice(self.bias, "bias", _BIAS)
+        check_choice(self.init, "init", _INIT)
+        set_(self, "dtype", _as_dtype(self.dtype))
+
+    def for_module(self, module_name: str) -> LoraConfig:
+        """This config with `rank_pattern` / `alpha_pattern` applied for `module_name`."""
+        rank_key = pattern_key(self.rank_pattern, module_name)
+        alpha_key = pattern_key(self.alpha_pattern, module_name)
+        if rank_key is None and alpha_key is None:
+            return self
+        return dataclasses.replace(
+            self,
+            rank=self.rank if rank_key is None else self.rank_pattern[rank_key],
+            alpha=self.alpha if alpha_key is None else self.alpha_pattern[alpha_key],
+        )
+
+    @property
+    def scaling(self) -> float:
+        """alpha / rank, or alpha / sqrt(rank) with rsLoRA."""
+        return scaling(self.rank, self.alpha, self.use_rslora)
+
+
+def _compile(pattern: str, option: str) -> re.Pattern[str]:
+    try:
+        return re.compile(pattern)
+    except re.error as err:
+        raise ConfigError(f"{option} is not a valid regex: {pattern!r} ({err})") from None

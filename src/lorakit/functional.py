@@ -1,0 +1,30 @@
+"""Pure LoRA math: the low-rank product, the delta weight, merge and unmerge.
+
+Shapes follow PEFT's: A is (r, in, *kernel), B is (out, r, *ones); s is the scale.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def linear_delta(x: Tensor, A: Tensor, B: Tensor, scale: float) -> Tensor:
+    """s * B (A x) for x (..., in) -> (..., out)."""
+    return (x @ A.t()) @ B.t() * scale
+
+
+def delta_weight(A: Tensor, B: Tensor, scale: float) -> Tensor:
+    """s * B A, the dense update of a weight (out, in, *kernel).
+
+    A: (r, in, *kernel), B: (out, r, *ones); for a Linear this is just s * B @ A.
+    """
+    rank = A.shape[0]
+    dense = B.reshape(B.shape[0], rank) @ A.reshape(rank, -1)
+    return (dense * scale).reshape(B.shape[0], *A.shape[1:])
+
+
+def merged_weight(weight: Tensor, delta: Tensor, sign: int = 1) -> Tensor:
+    """weight + sign * delta, computed in the wider of the two dtypes, cast back to weight's."""
+    wide = torch.promote_types(weight.dtype, delta.dtype)
+    return (weight.to(wide) + sign * delta.to(wide)).to(weight.dtype)

@@ -1,0 +1,39 @@
+"""LoRA for `nn.Conv1d/2d/3d`: y = conv(x, W) + s * conv1x1(conv(drop(x), A), B).
+
+A (r, in, *kernel) is a conv with the base's stride, padding and dilation; B (out, r, 1...)
+is a pointwise conv, so the merged weight is W + s * B A with the base's shape.
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .base import LoraLayer
+from .lora import LoRA
+
+_POINTWISE = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+class ConvLora(LoraLayer):
+    """Per-type math for a convolution with groups == 1."""
+
+    def lora_dims(self) -> tuple[int, int, tuple[int, ...]]:
+        return self.in_channels, self.out_channels, tuple(self.kernel_size)
+
+    def lora_delta(self, adapter: LoRA, x: Tensor) -> Tensor:
+        x = adapter.dropout(x.to(adapter.lora_A.dtype))
+        h = self._conv_forward(x, adapter.lora_A, None)  # the base's stride/padding/dilation
+        return _POINTWISE[len(self.kernel_size)](h, adapter.lora_B) * adapter.scaling
+
+
+class LoRAConv1d(ConvLora, nn.Conv1d):
+    base_class = nn.Conv1d
+
+
+class LoRAConv2d(ConvLora, nn.Conv2d):
+    base_class = nn.Conv2d
+
+
+class LoRAConv3d(ConvLora, nn.Conv3d):
+    base_class = nn.Conv3d

@@ -1,0 +1,25 @@
+"""LoRA for GPT-2's `Conv1D` (transformers), a Linear whose weight is stored transposed (in, out)."""
+
+from __future__ import annotations
+
+from torch import Tensor
+from transformers.pytorch_utils import Conv1D
+
+from .linear import LinearLora
+
+
+class Conv1DLora(LinearLora):
+    """Per-type math for a transposed weight (in, out): PEFT's fan_in_fan_out."""
+
+    def lora_dims(self) -> tuple[int, int, tuple[int, ...]]:
+        in_features, out_features = self.weight.shape
+        return in_features, out_features, ()
+
+    def to_weight_layout(self, delta: Tensor) -> Tensor:
+        return delta.t()
+
+
+class LoRAConv1D(Conv1DLora, Conv1D):
+    """GPT-2's `Conv1D` with LoRA adapters; A is (r, in) and B (out, r) as for a Linear."""
+
+    base_class = Conv1D

@@ -1,0 +1,100 @@
+"""`LoRA`: the low-rank delta s * B(A(drop(x))), the seed's `lora_delta` as a module."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from ..config import Init, check_alpha, check_choice, check_dropout, check_rank, scaling
+from ..functional import delta_weight, linear_delta
+
+
+class LoRA(nn.Module):
+    """The low-rank adapter delta(x) = s * B(A(drop(x))), with s = alpha / rank.
+
+    Parameters follow PEFT's shapes: `lora_A` (rank, in, *kernel), `lora_B` (out, rank, *ones).
+    B starts at zero, so a fresh adapter outputs exact zeros (A and B swap roles for
+    embeddings, as in PEFT: A zero, B random).
+
+    Args:
+        in_features: input size (vocabulary size for an embedding, channels for a conv).
+        out_features: output size.
+        rank: r, default 8. alpha: default 16.0. dropout: on the input, default 0.
+        use_rslora: s = alpha / sqrt(rank). init: "kaiming" | "gaussian" | "zeros".
+        kernel_size: a conv's kernel, () for a linear map.
+        embedding: swap the init of A and B (PEFT's embedding rule).
+
+    Raises:
+        ConfigError: an option is invalid; the message names it.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        rank: int = 8,
+        alpha: float = 16.0,
+        *,
+        dropout: float = 0.0,
+        use_rslora: bool = False,
+        init: Init = "kaiming",
+        kernel_size: tuple[int, ...] = (),
+        embedding: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        check_rank(in_features, "input_size")
+        check_rank(out_features, "output_size")
+        self.rank = check_rank(rank)
+        self.alpha = check_alpha(alpha)
+        self.init = check_choice(init, "init", ("kaiming", "gaussian", "zeros"))
+        self.use_rslora = use_rslora
+        self.embedding = embedding
+        self.scaling = scaling(self.rank, self.alpha, use_rslora)
+        p = check_dropout(dropout)
+        # nn.Identity rather than Dropout(0): nothing to do, and it prints as what it is.
+        self.dropout = nn.Dropout(p) if p > 0 else nn.Identity()
+        factory = {"device": device, "dtype": dtype}
+        ones = (1,) * len(kernel_size)
+        self.lora_A = nn.Parameter(torch.empty(rank, in_features, *kernel_size, **factory))
+        self.lora_B = nn.Parameter(torch.empty(out_features, rank, *ones, **factory))
+        self.reset_parameters()
+
+    @property
+    def in_features(self) -> int:
+        return self.lora_A.shape[1]
+
+    @property
+    def out_features(self) -> int:
+        return self.lora_B.shape[0]
+
+    def reset_parameters(self) -> None:
+        """Re-initialise: one factor random, the other zero, so delta(x) = 0."""
+        random, zero = (self.lora_B, self.lora_A) if self.embedding else (self.lora_A, self.lora_B)
+        nn.init.zeros_(zero)
+        if self.init == "zeros":
+            nn.init.zeros_(random)
+        elif self.init == "gaussian":
+            nn.init.normal_(random, std=0.02)  # Edifice's init
+        elif self.embedding:
+            nn.init.normal_(random)  # PEFT's embedding init
+        else:
+            nn.init.kaiming_uniform_(random, a=math.sqrt(5))  # PEFT's (and nn.Linear's) init
+
+    def forward(self, x: Tensor) -> Tensor:
+        """s * B(A(drop(x))): (..., in_features) -> (..., out_features)."""
+        x = self.dropout(x.to(self.lora_A.dtype))
+        return linear_delta(x, self.lora_A, self.lora_B, self.scaling)
+
+    def delta_weight(self) -> Tensor:
+        """s * B A: (out, in, *kernel)."""
+        return delta_weight(self.lora_A, self.lora_B, self.scaling)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"rank={self.rank}, alpha={self.alpha}, scaling={self.scaling:g}"
+        )

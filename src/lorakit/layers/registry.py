@@ -1,0 +1,70 @@
+"""Which LoRA class adapts which layer: a short table from base type to mixin."""
+
+from __future__ import annotations
+
+from functools import cache
+
+from torch import nn
+
+from ..errors import UnsupportedLayerError
+from .base import LoraLayer
+from .conv import ConvLora, LoRAConv1d, LoRAConv2d, LoRAConv3d
+from .embedding import EmbeddingLora, LoRAEmbedding
+from .linear import LinearLora, LoRALinear
+
+# Exact base class -> the named (importable, picklable) LoRA class.
+LORA_CLASSES: dict[type[nn.Module], type[LoraLayer]] = {
+    nn.Linear: LoRALinear,
+    nn.Embedding: LoRAEmbedding,
+    nn.Conv1d: LoRAConv1d,
+    nn.Conv2d: LoRAConv2d,
+    nn.Conv3d: LoRAConv3d,
+}
+# Base family -> mixin, for subclasses of a supported type.
+_MIXINS: list[tuple[type[nn.Module], type[LoraLayer]]] = [
+    (nn.Linear, LinearLora),
+    (nn.Embedding, EmbeddingLora),
+    (nn.modules.conv._ConvNd, ConvLora),
+]
+
+try:  # GPT-2's Conv1D, when transformers is installed
+    from transformers.pytorch_utils import Conv1D
+
+    from .gpt2 import Conv1DLora, LoRAConv1D
+
+    LORA_CLASSES[Conv1D] = LoRAConv1D
+    _MIXINS.insert(0, (Conv1D, Conv1DLora))
+except ImportError:  # pragma: no cover - transformers is an extra
+    pass
+
+LINEAR_TYPES: tuple[type[nn.Module], ...] = tuple(
+    t for t, m in _MIXINS if issubclass(m, LinearLora)
+)
+
+
+def lora_class(module: nn.Module) -> type[LoraLayer]:
+    """The LoRA class that adapts `module`, or UnsupportedLayerError naming its type."""
+    cls = type(module)
+    if isinstance(module, LoraLayer):
+        return cls
+    if cls in LORA_CLASSES:
+        found = LORA_CLASSES[cls]
+    else:
+        found = next((_subclass(m, cls) for t, m in _MIXINS if isinstance(module, t)), None)
+    if found is None:
+        supported = ", ".join(sorted(t.__name__ for t in LORA_CLASSES))
+        raise UnsupportedLayerError(
+            f"cannot adapt a layer of type {cls.__name__}: LoRA supports {supported}"
+        )
+    groups = getattr(module, "groups", 1)
+    if issubclass(found, ConvLora) and groups != 1:
+        raise UnsupportedLayerError(
+            f"cannot adapt {cls.__name__} with groups={groups}: LoRA supports groups=1 convs"
+        )
+    return found
+
+
+@cache
+def _subclass(mixin: type[LoraLayer], base: type[nn.Module]) -> type[LoraLayer]:
+    """LoRA class for a subclass of a supported type; keeps the subclass's own forward."""
+    return type(f"LoRA{base.__name__}", (mixin, base), {"base_class": base})

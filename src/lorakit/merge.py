@@ -1,0 +1,80 @@
+"""Merge, unmerge, unload: explicit calls over the pure math in `functional`.
+
+Merged, a layer computes (W + s B A) x: exactly the base's cost, and the same outputs as the
+unmerged adapter up to float rounding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from .errors import MergeError
+from .inject import CONFIGS_ATTR, lora_layers
+
+
+def merge(model: nn.Module) -> nn.Module:
+    """Fold the active adapters into the base weights, in place; merging twice is a no-op.
+
+    Raises:
+        MergeError: an adapter holds NaN or inf (checked on every layer before any write).
+    """
+    layers = list(lora_layers(model))
+    for name, layer in layers:
+        for adapter_name in layer.lora_active:
+            for p in layer.lora[adapter_name].parameters():
+                if not p.is_meta and not torch.isfinite(p).all():
+                    raise MergeError(
+                        f"adapter {adapter_name!r} of layer {name!r} holds NaN or inf; "
+                        "nothing was merged"
+                    )
+    for _, layer in layers:
+        layer.merge()
+    return model
+
+
+def unmerge(model: nn.Module) -> nn.Module:
+    """Take every merged adapter out of the base weights again, in place."""
+    for _, layer in lora_layers(model):
+        layer.unmerge()
+    return model
+
+
+def unload(model: nn.Module) -> nn.Module:
+    """Remove every adapter without merging; layers get their original classes back."""
+    for _, layer in list(lora_layers(model)):
+        layer.unmerge()
+        layer.restore()
+    model.__dict__.pop(CONFIGS_ATTR, None)
+    return model
+
+
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """Merge the active adapters, then remove all adapters: a plain model of original classes."""
+    merge(model)
+    for _, layer in list(lora_layers(model)):
+        layer.restore()
+    model.__dict__.pop(CONFIGS_ATTR, None)
+    return model
+
+
+@contextmanager
+def disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """Within the block the model computes its base outputs; the previous state comes back after.
+
+    Merged adapters are taken out on entry and merged again on exit.
+    """
+    layers = [layer for _, layer in lora_layers(model)]
+    before = [(layer.lora_disabled, layer.lora_merged) for layer in layers]
+    try:
+        for layer in layers:
+            layer.unmerge()
+            layer.lora_disabled = True
+        yield model
+    finally:
+        for layer, (was_disabled, merged) in zip(layers, before):
+            layer.lora_disabled = was_disabled
+            layer.merge(merged)
