@@ -20,7 +20,7 @@ from .inject import (
     summary,
     trainable_parameters,
 )
-from .layers import LoRA, LoRAConv1d, LoRAConv2d, LoRAConv3d, LoRAEmbedding, LoRALinear, LoraLayer
+from .layers import LoRA, LoRAConv1d, LoRAConv2d, LoRAConv3d, LoRAEmbedding, LoraLayer, LoRALinear
 from .merge import disabled, merge, merge_and_unload, unload, unmerge
 from .seed import build, lora_delta, output_size, wrap
 

@@ -1,4 +1,4 @@
-"""LoRA for GPT-2's `Conv1D` (transformers), a Linear whose weight is stored transposed (in, out)."""
+"""LoRA for GPT-2's `Conv1D` (transformers): a Linear whose weight is stored as (in, out)."""
 
 from __future__ import annotations
 
