@@ -78,9 +78,9 @@ def _as_tuple(value: object, option: str) -> tuple[str, ...]:
 
 
 def _as_dtype(value: object) -> torch.dtype | None:
-    if value is None or isinstance(value, torch.dtype):
-        return value
-    dtype = getattr(torch, str(value), None)
+    if value is None:
+        return None
+    dtype = value if isinstance(value, torch.dtype) else getattr(torch, str(value), None)
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise ConfigError(f"dtype must be a floating torch dtype or its name, got {value!r}")
     return dtype

@@ -1,0 +1,172 @@
+"""LoraConfig: defaults, normalisation, per-module overrides, and one error per bad option."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+
+from lorakit import (
+    AdapterError,
+    CheckpointError,
+    ConfigError,
+    LoraConfig,
+    LorakitError,
+    MergeError,
+    TargetNotFoundError,
+    UnsupportedLayerError,
+)
+from lorakit.config import pattern_key, scaling
+
+
+def test_defaults_are_the_seeds():
+    config = LoraConfig()
+    assert (config.rank, config.alpha, config.dropout) == (8, 16.0, 0.0)
+    assert config.targets == "all-linear"
+    assert config.bias == "none" and config.init == "kaiming"
+    assert config.dtype is torch.float32
+    assert config.scaling == 2.0
+
+
+def test_frozen():
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        LoraConfig().rank = 4  # type: ignore[misc]
+
+
+def test_normalises_lists_to_tuples_and_numbers_to_float():
+    config = LoraConfig(
+        alpha=32,
+        targets=["q_proj", "v_proj"],
+        exclude=["lm_head"],
+        modules_to_save=["classifier"],
+        alpha_pattern={"v_proj": 8},
+        dtype="bfloat16",
+    )
+    assert config.targets == ("q_proj", "v_proj")
+    assert config.exclude == ("lm_head",)
+    assert config.modules_to_save == ("classifier",)
+    assert config.alpha == 32.0 and isinstance(config.alpha, float)
+    assert config.alpha_pattern == {"v_proj": 8.0}
+    assert config.dtype is torch.bfloat16
+    assert LoraConfig(modules_to_save="classifier").modules_to_save == ("classifier",)
+    assert LoraConfig(dtype=None).dtype is None
+
+
+def test_pattern_dicts_are_copied():
+    ranks = {"q_proj": 4}
+    config = LoraConfig(rank_pattern=ranks)
+    ranks["v_proj"] = 2
+    assert config.rank_pattern == {"q_proj": 4}
+
+
+@pytest.mark.parametrize(
+    ("rank", "alpha", "rslora", "expected"),
+    [(8, 16.0, False, 2.0), (4, 8.0, True, 4.0), (16, 16.0, True, 4.0), (3, 1.0, False, 1 / 3)],
+)
+def test_scaling(rank, alpha, rslora, expected):
+    assert scaling(rank, alpha, rslora) == pytest.approx(expected)
+    config = LoraConfig(rank=rank, alpha=alpha, use_rslora=rslora)
+    assert config.scaling == pytest.approx(expected)
+    if rslora:
+        assert config.scaling == pytest.approx(alpha / math.sqrt(rank))
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("model.layers.0.self_attn.q_proj", "q_proj"),
+        ("q_proj", "q_proj"),
+        ("model.layers.0.self_attn.qq_proj", None),  # a suffix of the name, not of a part
+        ("model.layers.0.self_attn.q_proj_extra", None),
+        ("model.layers.1.mlp.down_proj", r"layers\.1\.mlp\.down_proj"),
+        ("model.layers.11.mlp.down_proj", None),
+        ("model.layers.0.mlp.down_proj", None),
+    ],
+)
+def test_pattern_key_matches_suffix_only(name, expected):
+    patterns = {"q_proj": 4, r"layers\.1\.mlp\.down_proj": 2}
+    assert pattern_key(patterns, name) == expected
+
+
+def test_for_module_applies_overrides_to_matching_modules_only():
+    config = LoraConfig(
+        rank=8, alpha=16, rank_pattern={"q_proj": 4}, alpha_pattern={"v_proj": 2.0}
+    )
+    q = config.for_module("model.layers.0.self_attn.q_proj")
+    v = config.for_module("model.layers.0.self_attn.v_proj")
+    k = config.for_module("model.layers.0.self_attn.k_proj")
+    assert (q.rank, q.alpha, q.scaling) == (4, 16.0, 4.0)
+    assert (v.rank, v.alpha, v.scaling) == (8, 2.0, 0.25)
+    assert k is config
+    assert config.rank == 8 and config.alpha == 16.0  # the shared config is not mutated
+
+
+def test_for_module_keeps_rslora():
+    config = LoraConfig(rank=16, alpha=8, use_rslora=True, rank_pattern={"fc1": 4})
+    assert config.for_module("fc1").scaling == pytest.approx(8 / 2)
+    assert config.for_module("fc2").scaling == pytest.approx(8 / 4)
+
+
+BAD = [
+    ("rank", 0, r"rank must be a positive integer, got 0"),
+    ("rank", -1, r"rank must be a positive integer, got -1"),
+    ("rank", 2.5, r"rank must be a positive integer, got 2\.5"),
+    ("rank", True, r"rank must be a positive integer, got True"),
+    ("rank", "8", r"rank must be a positive integer, got '8'"),
+    ("alpha", 0, r"alpha must be a positive finite number, got 0"),
+    ("alpha", -1, r"alpha must be a positive finite number, got -1"),
+    ("alpha", float("nan"), r"alpha must be a positive finite number, got nan"),
+    ("alpha", float("inf"), r"alpha must be a positive finite number, got inf"),
+    ("alpha", "x", r"alpha must be a positive finite number, got 'x'"),
+    ("alpha", True, r"alpha must be a positive finite number, got True"),
+    ("dropout", -0.1, r"dropout must be a number in \[0, 1\), got -0\.1"),
+    ("dropout", 1.0, r"dropout must be a number in \[0, 1\), got 1\.0"),
+    ("dropout", "0.1", r"dropout must be a number in \[0, 1\), got '0\.1'"),
+    ("bias", "some", r"bias must be one of \['none', 'all', 'lora_only'\], got 'some'"),
+    ("init", "xavier", r"init must be one of \['kaiming', 'gaussian', 'zeros'\], got 'xavier'"),
+    ("init", True, r"init must be one of .*, got True"),
+    ("dtype", "float33", r"dtype must be a floating torch dtype or its name, got 'float33'"),
+    ("dtype", "int32", r"dtype must be a floating torch dtype or its name, got 'int32'"),
+    ("dtype", 3, r"dtype must be a floating torch dtype or its name, got 3"),
+    ("targets", "q_proj(", r"targets is not a valid regex: 'q_proj\('"),
+    ("targets", [], r"targets must name at least one module"),
+    ("targets", ["q_proj", ""], r"targets must be a list of module names"),
+    ("targets", [1], r"targets must be a list of module names, got \[1\]"),
+    ("exclude", "[", r"exclude is not a valid regex: '\['"),
+    ("exclude", [None], r"exclude must be a list of module names"),
+    ("modules_to_save", [3], r"modules_to_save must be a list of module names"),
+    ("rank_pattern", {"q_proj": 0}, r"rank_pattern\['q_proj'\] must be a positive integer, got 0"),
+    ("rank_pattern", {"(": 4}, r"rank_pattern is not a valid regex: '\('"),
+    ("alpha_pattern", {"v": -2.0}, r"alpha_pattern\['v'\] must be a positive finite number"),
+    ("use_rslora", "yes", r"use_rslora must be a bool, got 'yes'"),
+]
+
+
+@pytest.mark.parametrize(("option", "value", "message"), BAD, ids=[f"{o}={v!r}" for o, v, _ in BAD])
+def test_bad_option_raises_config_error_naming_it(option, value, message):
+    with pytest.raises(ConfigError, match=message):
+        LoraConfig(**{option: value})
+
+
+def test_int_dtype_object_is_rejected():
+    with pytest.raises(ConfigError, match="dtype must be a floating torch dtype"):
+        LoraConfig(dtype=torch.int64)
+
+
+@pytest.mark.parametrize(
+    ("error", "bases"),
+    [
+        (ConfigError, (ValueError,)),
+        (UnsupportedLayerError, (TypeError,)),
+        (TargetNotFoundError, (ValueError,)),
+        (AdapterError, (ValueError,)),
+        (MergeError, (ValueError,)),
+        (CheckpointError, (ValueError,)),
+    ],
+)
+def test_errors_subclass_builtin_errors(error, bases):
+    assert issubclass(error, LorakitError)
+    for base in bases:
+        assert issubclass(error, base)
