@@ -9,7 +9,13 @@ from .linear import LinearLora
 
 
 class Conv1DLora(LinearLora):
-    """Per-type math for a transposed weight (in, out): PEFT's fan_in_fan_out."""
+    """Per-type math for a transposed weight (in, out): PEFT's fan_in_fan_out.
+
+    The fused fast path is the Linear one with W read transposed (a view, no copy).
+    """
+
+    fused_base = Conv1D
+    weight_transposed = True
 
     def lora_dims(self) -> tuple[int, int, tuple[int, ...]]:
         in_features, out_features = self.weight.shape

@@ -2,14 +2,28 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
+import torch
 from torch import Tensor, nn
 
+from ..functional import fused_lora_linear
 from .base import LoraLayer
 from .lora import LoRA
 
 
 class LinearLora(LoraLayer):
-    """Per-type math for any layer with a Linear-shaped weight (out, in)."""
+    """Per-type math for any layer with a Linear-shaped weight (out, in).
+
+    `forward` takes the fused fast path (`functional.fused_lora_linear`: one autograd node,
+    the low-rank product added into the base output in place, no gradient for W, dropout
+    masks regenerated rather than stored) whenever it computes exactly what the plain path
+    `LoraLayer.forward` would, and falls back to the plain path otherwise.
+    """
+
+    # The base class whose forward the fused op reproduces, and the layout of `weight`.
+    fused_base: ClassVar[type[nn.Module]] = nn.Linear
+    weight_transposed: ClassVar[bool] = False
 
     def lora_dims(self) -> tuple[int, int, tuple[int, ...]]:
         out_features, in_features = self.weight.shape
@@ -17,6 +31,50 @@ class LinearLora(LoraLayer):
 
     def lora_delta(self, adapter: LoRA, x: Tensor) -> Tensor:
         return adapter(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """base(x) + sum_a s_a * B_a(A_a(drop_a(x))), fused when possible."""
+        names = self._fused_adapters(x)
+        if not names:
+            return super().forward(x)
+        adapters = [self.lora[n] for n in names]
+        dropout = tuple(_dropout_p(a) for a in adapters)
+        # One draw from the global RNG per call, so torch.manual_seed reproduces the masks.
+        seed = int(torch.randint(0, 2**62, ())) if any(dropout) else 0
+        return fused_lora_linear(
+            x,
+            self.weight,
+            self.bias,
+            tuple(a.lora_A for a in adapters),
+            tuple(a.lora_B for a in adapters),
+            tuple(a.scaling for a in adapters),
+            dropout=dropout,
+            seed=seed,
+            transposed=self.weight_transposed,
+        )
+
+    def _fused_adapters(self, x: Tensor) -> tuple[str, ...]:
+        """Adapters the fused path adds, or () when the plain path must run instead."""
+        if self.lora_disabled or self.lora_routing is not None:
+            return ()
+        if self.base_class.forward is not self.fused_base.forward:
+            return ()  # a subclass with its own forward: only the plain path calls it
+        autocast = torch.is_autocast_enabled(x.device.type)
+        if not x.is_floating_point() or (x.dtype != self.weight.dtype and not autocast):
+            return ()
+        names = tuple(n for n in self.lora_active if n not in self.lora_merged)
+        for name in names:
+            adapter = self.lora[name]
+            if type(adapter) is not LoRA or type(adapter.dropout) not in (nn.Dropout, nn.Identity):
+                return ()
+            if _dropout_p(adapter) > 0 and torch.compiler.is_compiling():
+                return ()  # seeded masks need a Python int; nn.Dropout compiles as is
+        return names
+
+
+def _dropout_p(adapter: LoRA) -> float:
+    drop = adapter.dropout
+    return float(drop.p) if isinstance(drop, nn.Dropout) and drop.training else 0.0
 
 
 class LoRALinear(LinearLora, nn.Linear):

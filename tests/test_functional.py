@@ -1,0 +1,175 @@
+"""The fused LoRA op against the equation written out with plain autograd ops."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lorakit.functional import dropout_mask, fused_lora_linear
+
+IN, OUT = 12, 10
+RTOL = 1e-5
+
+
+def _close(actual: torch.Tensor, expected: torch.Tensor, rtol: float = RTOL) -> None:
+    """Relative error against the reference's scale, <= rtol."""
+    err = (actual.double() - expected.double()).abs().max()
+    assert err <= rtol * expected.double().abs().max().clamp_min(1e-12), float(err)
+
+
+def _leaf(*shape: int, grad: bool = True, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return torch.randn(*shape, dtype=dtype).requires_grad_(grad)
+
+
+def _setup(
+    n_adapters: int,
+    bias: bool,
+    transposed: bool,
+    shape: tuple[int, ...],
+    *,
+    w_grad=False,
+    b_grad=False,
+    dtype=torch.float32,
+):
+    torch.manual_seed(0)
+    x = _leaf(*shape, IN, dtype=dtype)
+    weight = (
+        _leaf(IN, OUT, grad=w_grad, dtype=dtype)
+        if transposed
+        else _leaf(OUT, IN, grad=w_grad, dtype=dtype)
+    )
+    b = _leaf(OUT, grad=b_grad, dtype=dtype) if bias else None
+    ranks = (4, 2, 3)[:n_adapters]
+    As = tuple(_leaf(r, IN) for r in ranks)
+    Bs = tuple(_leaf(OUT, r) for r in ranks)
+    scales = (2.0, 0.5, 1.5)[:n_adapters]
+    return x, weight, b, As, Bs, scales
+
+
+def _reference(x, weight, b, As, Bs, scales, masks=None, transposed=False):
+    w = weight.t() if transposed else weight
+    y = torch.nn.functional.linear(x, w, b)
+    for i, (A, B, s) in enumerate(zip(As, Bs, scales)):
+        xa = x if masks is None else x * masks[i].view(x.shape)
+        y = y + s * (xa @ A.t()) @ B.t()
+    return y
+
+
+def _grads(y, tensors):
+    torch.manual_seed(1)
+    g = torch.randn_like(y)
+    live = [t for t in tensors if t is not None and t.requires_grad]
+    return torch.autograd.grad(y, live, g)
+
+
+CASES = [
+    # (n_adapters, bias, transposed, input shape, weight requires grad, bias requires grad)
+    (1, True, False, (5,), False, False),
+    (1, False, False, (3, 4), False, False),
+    (2, True, False, (2, 3), False, True),
+    (3, True, True, (2, 3), False, False),
+    (1, True, True, (7,), False, True),
+    (2, False, True, (4,), False, False),
+    (1, True, False, (3,), True, True),
+    (2, True, True, (2, 2), True, False),
+]
+
+
+@pytest.mark.parametrize(("n", "bias", "transposed", "shape", "w_grad", "b_grad"), CASES)
+def test_fused_equals_reference(n, bias, transposed, shape, w_grad, b_grad):
+    x, weight, b, As, Bs, scales = _setup(n, bias, transposed, shape, w_grad=w_grad, b_grad=b_grad)
+    inputs = (x, weight, b, *As, *Bs)
+    fused = fused_lora_linear(x, weight, b, As, Bs, scales, transposed=transposed)
+    plain = _reference(x, weight, b, As, Bs, scales, transposed=transposed)
+    assert fused.shape == plain.shape == (*shape, OUT)
+    _close(fused, plain)
+    for got, want in zip(_grads(fused, inputs), _grads(plain, inputs)):
+        assert got.shape == want.shape and got.dtype == want.dtype
+        _close(got, want)
+
+
+def test_no_grad_for_a_frozen_weight():
+    x, weight, b, As, Bs, scales = _setup(1, True, False, (4,))
+    y = fused_lora_linear(x, weight, b, As, Bs, scales)
+    y.sum().backward()
+    assert weight.grad is None and b.grad is None
+    assert x.grad is not None and As[0].grad is not None and Bs[0].grad is not None
+
+
+def test_inference_builds_no_graph_and_matches():
+    x, weight, b, As, Bs, scales = _setup(2, True, False, (3, 4))
+    with torch.no_grad():
+        y = fused_lora_linear(x, weight, b, As, Bs, scales)
+    assert y.grad_fn is None
+    _close(y, _reference(x, weight, b, As, Bs, scales).detach())
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_dropout_mask_statistics(p):
+    mask = dropout_mask((400, 500), p, seed=7, device=torch.device("cpu"), dtype=torch.float32)
+    kept = mask != 0
+    assert torch.allclose(mask[kept], torch.full_like(mask[kept], 1 / (1 - p)))
+    assert kept.float().mean().item() == pytest.approx(1 - p, abs=0.005)
+    assert mask.mean().item() == pytest.approx(1.0, abs=0.01)  # inverted dropout: E[mask] = 1
+    again = dropout_mask((400, 500), p, seed=7, device=torch.device("cpu"), dtype=torch.float32)
+    other = dropout_mask((400, 500), p, seed=8, device=torch.device("cpu"), dtype=torch.float32)
+    assert torch.equal(mask, again) and not torch.equal(mask, other)
+
+
+def test_dropout_mask_leaves_the_global_rng_alone():
+    torch.manual_seed(3)
+    expected = torch.rand(3)
+    torch.manual_seed(3)
+    dropout_mask((10, 10), 0.2, seed=1, device=torch.device("cpu"), dtype=torch.float32)
+    assert torch.equal(torch.rand(3), expected)
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_fused_dropout_equals_reference_with_the_same_mask(transposed):
+    x, weight, b, As, Bs, scales = _setup(2, True, transposed, (3, 5), b_grad=True)
+    ps, seed = (0.3, 0.1), 11
+    inputs = (x, weight, b, *As, *Bs)
+    fused = fused_lora_linear(
+        x, weight, b, As, Bs, scales, dropout=ps, seed=seed, transposed=transposed
+    )
+    masks = [dropout_mask((15, IN), p, seed + i, x.device, x.dtype) for i, p in enumerate(ps)]
+    plain = _reference(x, weight, b, As, Bs, scales, masks, transposed=transposed)
+    _close(fused, plain)
+    for got, want in zip(_grads(fused, inputs), _grads(plain, inputs)):
+        _close(got, want)
+
+
+def test_dropout_changes_the_output_in_expectation_only():
+    x, weight, b, As, Bs, scales = _setup(1, False, False, (64,))
+    with torch.no_grad():
+        clean = fused_lora_linear(x, weight, b, As, Bs, scales)
+        runs = torch.stack(
+            [
+                fused_lora_linear(x, weight, b, As, Bs, scales, dropout=(0.2,), seed=s)
+                for s in range(400)
+            ]
+        )
+    assert not torch.equal(runs[0], clean)
+    _close(runs.mean(0), clean, rtol=0.05)
+
+
+def test_bf16_base_with_float32_adapters():
+    x, weight, b, As, Bs, scales = _setup(2, True, False, (2, 3), dtype=torch.bfloat16)
+    y = fused_lora_linear(x, weight, b, As, Bs, scales)
+    assert y.dtype == torch.bfloat16
+    want = _reference(x.float(), weight.float(), b.float(), As, Bs, scales)
+    _close(y.float(), want, rtol=3e-2)
+    y.float().square().sum().backward()
+    assert As[0].grad.dtype == torch.float32 and Bs[1].grad.dtype == torch.float32
+    assert x.grad.dtype == torch.bfloat16
+    assert all(torch.isfinite(t.grad).all() for t in (x, *As, *Bs))
+
+
+def test_autocast_computes_in_the_autocast_dtype():
+    x, weight, b, As, Bs, scales = _setup(1, True, False, (4,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = fused_lora_linear(x, weight, b, As, Bs, scales)
+    assert y.dtype == torch.bfloat16
+    _close(y.float(), _reference(x, weight, b, As, Bs, scales).detach(), rtol=3e-2)
+    y.float().sum().backward()
+    assert x.grad.dtype == torch.float32 and As[0].grad.dtype == torch.float32
