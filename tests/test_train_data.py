@@ -12,6 +12,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from lorakit.errors import LorakitError
 from lorakit.train.data import (
     IGNORE_INDEX,
     LINE_KEY,
@@ -100,8 +101,9 @@ def test_read_errors(tmp_path, name, content, pattern):
 
 
 def test_missing_file(tmp_path):
-    with pytest.raises(DataError, match=r"nope\.jsonl: data file not found"):
+    with pytest.raises(DataError, match=r"nope\.jsonl: data file not found") as info:
         read_records(tmp_path / "nope.jsonl")
+    assert isinstance(info.value, LorakitError) and isinstance(info.value, ValueError)
 
 
 # --------------------------------------------------------------------------- validation

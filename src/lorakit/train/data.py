@@ -32,6 +32,8 @@ from typing import Any, Literal
 import torch
 from torch.utils.data import Dataset
 
+from lorakit.errors import LorakitError
+
 Task = Literal["seq-cls", "causal-lm"]
 Record = dict[str, Any]
 
@@ -42,7 +44,7 @@ IGNORE_INDEX = -100
 """Label value ignored by PyTorch / Hugging Face cross-entropy losses."""
 
 
-class DataError(ValueError):
+class DataError(LorakitError, ValueError):
     """A training data file is missing, unreadable or has invalid content."""
 
 
