@@ -142,10 +142,10 @@ def inject(
     """
     config = config or LoraConfig()
     check_adapter_name(adapter_name)
-    configs = model.__dict__.setdefault(CONFIGS_ATTR, {})
-    if adapter_name in configs:
+    if adapter_name in adapter_configs(model):
         raise AdapterError(f"adapter {adapter_name!r} is already on the model; pick another name")
     targets = find_targets(model, config)
+    configs = model.__dict__.setdefault(CONFIGS_ATTR, {})  # only once targets are known good
     for name, module in targets:
         layer = lora_class(module).adapt(module) if not isinstance(module, LoraLayer) else module
         layer.add_adapter(adapter_name, config.for_module(name))
@@ -164,8 +164,9 @@ def freeze_base(model: nn.Module, config: LoraConfig) -> tuple[str, ...]:
         p.requires_grad_(False)
     for _, layer in lora_layers(model):
         layer.lora.requires_grad_(True)
-        if config.bias == "lora_only" and layer.bias is not None:
-            layer.bias.requires_grad_(True)
+        bias = getattr(layer, "bias", None)  # an Embedding has none
+        if config.bias == "lora_only" and isinstance(bias, nn.Parameter):
+            bias.requires_grad_(True)
     if config.bias == "all":
         for _, module in base_modules(model):
             if isinstance(getattr(module, "bias", None), nn.Parameter):
