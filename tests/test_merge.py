@@ -1,0 +1,188 @@
+"""Merge, unmerge, disabled, unload on tiny real models: the invariants of an explicit merge."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import ModelCase, randomise_lora, tiny_llama
+from torch import nn
+
+import lorakit
+from lorakit import LoRA, LoraConfig, LoraLayer, MergeError
+from lorakit.inject import lora_layers
+
+
+def injected(case: ModelCase, **options) -> nn.Module:
+    """A tiny model with a randomised (non-zero) adapter on the case's targets."""
+    model = case.make()
+    lorakit.inject(model, LoraConfig(targets=case.targets, **options))
+    randomise_lora(model)
+    return model
+
+
+def base_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if ".lora." not in n}
+
+
+def states(model: nn.Module) -> list[tuple]:
+    return [(n, x.lora_active, x.lora_merged, x.lora_disabled) for n, x in lora_layers(model)]
+
+
+def assert_no_lora_left(model: nn.Module) -> None:
+    assert "lorakit_configs" not in vars(model)
+    for name, module in model.named_modules():
+        assert not isinstance(module, (LoraLayer, LoRA)), name
+        assert "lora" not in module._modules, name
+        assert not [k for k in vars(module) if k.startswith("lora")], name
+
+
+def test_merged_equals_adapted(model_case: ModelCase):
+    model = injected(model_case)
+    adapted = model_case.run(model)
+    assert not torch.allclose(adapted, model_case.run(model_case.make()), atol=1e-4)
+    assert lorakit.merge(model) is model
+    assert all(layer.lora_merged == ("default",) for _, layer in lora_layers(model))
+    assert (model_case.run(model) - adapted).abs().max().item() <= 1e-5
+
+
+def test_merge_unmerge_restores_weights_and_merge_twice_is_once(model_case: ModelCase):
+    model = injected(model_case)
+    before = base_weights(model)
+    lorakit.merge(model)
+    once = base_weights(model)
+    changed = [n for n in before if not torch.equal(before[n], once[n])]
+    assert changed and all(n.endswith("weight") for n in changed)
+    lorakit.merge(model)
+    for name, value in base_weights(model).items():
+        assert torch.equal(value, once[name]), name
+    assert lorakit.unmerge(model) is model
+    assert all(layer.lora_merged == () for _, layer in lora_layers(model))
+    for name, value in base_weights(model).items():
+        torch.testing.assert_close(value, before[name], atol=1e-6, rtol=0)
+
+
+def test_disabled_equals_base_and_state_comes_back(model_case: ModelCase):
+    base = model_case.run(model_case.make())
+    model = injected(model_case)
+    adapted = model_case.run(model)
+    before = states(model)
+    with lorakit.disabled(model) as same:
+        assert same is model
+        assert torch.equal(model_case.run(model), base)
+    assert states(model) == before
+    assert torch.equal(model_case.run(model), adapted)
+
+
+def test_disabled_unmerges_inside_and_remerges_after(model_case: ModelCase):
+    base = model_case.run(model_case.make())
+    model = injected(model_case)
+    lorakit.merge(model)
+    merged = model_case.run(model)
+    before = states(model)
+    with lorakit.disabled(model):
+        assert all(layer.lora_merged == () for _, layer in lora_layers(model))
+        torch.testing.assert_close(model_case.run(model), base, atol=1e-5, rtol=0)
+    assert states(model) == before
+    torch.testing.assert_close(model_case.run(model), merged, atol=1e-5, rtol=0)
+
+
+def test_disabled_restores_state_after_an_error():
+    model = tiny_llama()
+    lorakit.inject(model, LoraConfig(targets=["q_proj"]))
+    before = states(model)
+    with pytest.raises(RuntimeError, match="boom"), lorakit.disabled(model):
+        raise RuntimeError("boom")
+    assert states(model) == before
+
+
+def test_nested_disabled():
+    model = tiny_llama()
+    lorakit.inject(model, LoraConfig(targets=["q_proj"]))
+    before = states(model)
+    with lorakit.disabled(model):
+        with lorakit.disabled(model):
+            pass
+        assert all(layer.lora_disabled for _, layer in lora_layers(model))
+    assert states(model) == before
+
+
+def test_merge_and_unload_gives_original_classes_and_adapted_outputs(model_case: ModelCase):
+    plain = model_case.make()
+    types = {n: type(m) for n, m in plain.named_modules()}
+    keys = set(plain.state_dict())
+    model = injected(model_case)
+    adapted = model_case.run(model)
+    assert lorakit.merge_and_unload(model) is model
+    assert {n: type(m) for n, m in model.named_modules()} == types
+    assert set(model.state_dict()) == keys
+    assert_no_lora_left(model)
+    assert (model_case.run(model) - adapted).abs().max().item() <= 1e-5
+
+
+def test_unload_gives_base_outputs(model_case: ModelCase):
+    plain = model_case.make()
+    base = model_case.run(plain)
+    types = {n: type(m) for n, m in plain.named_modules()}
+    model = injected(model_case)
+    lorakit.merge(model)  # unload takes merged adapters out first
+    assert lorakit.unload(model) is model
+    assert {n: type(m) for n, m in model.named_modules()} == types
+    assert_no_lora_left(model)
+    torch.testing.assert_close(model_case.run(model), base, atol=1e-5, rtol=0)
+
+
+def test_merge_two_active_adapters():
+    model = tiny_llama()
+    tokens = torch.randint(0, 100, (2, 7))
+    lorakit.inject(model, LoraConfig(targets=["q_proj", "v_proj"]), "a")
+    lorakit.inject(model, LoraConfig(rank=2, targets=["v_proj", "o_proj"]), "b")
+    randomise_lora(model)
+    lorakit.set_active(model, ["a", "b"])
+    adapted = model(tokens).logits
+    lorakit.merge(model)
+    v = model.model.layers[0].self_attn.v_proj
+    assert v.lora_merged == ("a", "b")
+    assert (model(tokens).logits - adapted).abs().max().item() <= 1e-5
+
+
+def test_merge_and_unload_drops_inactive_adapters():
+    model = tiny_llama()
+    tokens = torch.randint(0, 100, (2, 7))
+    lorakit.inject(model, LoraConfig(targets=["q_proj"]), "a")
+    lorakit.inject(model, LoraConfig(targets=["q_proj"]), "b")
+    randomise_lora(model)
+    lorakit.set_active(model, "a")
+    only_a = model(tokens).logits
+    lorakit.merge_and_unload(model)
+    assert_no_lora_left(model)
+    assert (model(tokens).logits - only_a).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_merge_refuses_non_finite_adapter_and_changes_nothing(bad):
+    model = tiny_llama()
+    lorakit.inject(model, LoraConfig(targets=["q_proj", "v_proj"]))
+    randomise_lora(model)
+    layer = model.model.layers[1].self_attn.v_proj
+    with torch.no_grad():
+        layer.lora["default"].lora_B[0, 0] = bad
+    before = base_weights(model)
+    with pytest.raises(MergeError, match=r"adapter 'default' of layer 'model\.layers\.1\.self_attn"
+                       r"\.v_proj' holds NaN or inf; nothing was merged"):
+        lorakit.merge(model)
+    for name, value in base_weights(model).items():
+        assert torch.equal(value, before[name]), name
+    assert all(layer.lora_merged == () for _, layer in lora_layers(model))
+
+
+def test_layer_merge_refuses_overflow():
+    """A finite adapter whose delta overflows the base dtype must not write inf."""
+    layer = nn.Linear(4, 4).to(torch.float16)
+    lorakit.wrap(layer, init="gaussian")
+    with torch.no_grad():
+        layer.lora["lora"].lora_A.fill_(100.0)
+        layer.lora["lora"].lora_B.fill_(100.0)
+    before = layer.weight.detach().clone()
+    with pytest.raises(MergeError, match="would write NaN or inf into a base weight"):
+        layer.merge()
+    assert torch.equal(layer.weight, before) and layer.lora_merged == ()
