@@ -1,6 +1,7 @@
 """lorakit: Low-Rank Adaptation for PyTorch models. y = W x + (alpha / rank) * B(A x)."""
 
 from .adapters import active_adapters, adapter_names, delete_adapter, set_active
+from .checkpoint import from_pretrained, load_adapter, save_adapter
 from .config import LoraConfig
 from .errors import (
     AdapterError,
@@ -49,13 +50,16 @@ __all__ = [
     "delete_adapter",
     "delta_weight",
     "disabled",
+    "from_pretrained",
     "inject",
+    "load_adapter",
     "lora_delta",
     "lora_layers",
     "merge",
     "merge_and_unload",
     "output_size",
     "print_trainable_parameters",
+    "save_adapter",
     "set_active",
     "summary",
     "trainable_parameters",

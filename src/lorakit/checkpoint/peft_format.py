@@ -1,0 +1,169 @@
+"""Hugging Face PEFT's adapter format: adapter_config.json keys and tensor key names.
+
+Keys (the adapter name never appears; `base_model.model.` is optional when reading):
+
+    <path>.lora_A.weight (r, in, *k)      <path>.lora_B.weight (out, r, *1)   Linear, Conv1D, ConvNd
+    <path>.lora_embedding_A (r, vocab)    <path>.lora_embedding_B (dim, r)     Embedding
+    <path>.base_layer.bias                bias of an adapted layer (bias "lora_only" / "all")
+    <path>.<param>                        other biases ("all"), modules_to_save tensors
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from collections.abc import Mapping
+
+from ..config import ALL_LINEAR, LoraConfig
+from ..errors import CheckpointError
+
+PREFIX = "base_model.model."
+
+# Every field of peft.LoraConfig (0.21); any other key in a config file draws a warning.
+PEFT_KEYS = frozenset(
+    """alora_invocation_tokens alpha_pattern arrow_config auto_mapping base_model_name_or_path
+    bias corda_config ensure_weight_tying eva_config exclude_modules fan_in_fan_out
+    inference_mode init_lora_weights kasa_config layer_replication layers_pattern
+    layers_to_transform loftq_config lora_alpha lora_bias lora_dropout lora_ga_config
+    megatron_config megatron_core modules_to_save monteclora_config peft_type peft_version
+    qalora_group_size r rank_pattern revision runtime_config target_modules target_parameters
+    task_type trainable_token_indices use_bdlora use_dora use_qalora use_rslora
+    velora_config""".split()
+)
+# PEFT features whose tensors or forward lorakit does not reproduce: refused when switched on.
+UNSUPPORTED = (
+    "use_dora",
+    "lora_bias",
+    "layers_to_transform",
+    "layer_replication",
+    "target_parameters",
+    "trainable_token_indices",
+    "alora_invocation_tokens",
+    "use_qalora",
+    "use_bdlora",
+    "arrow_config",
+    "megatron_config",
+    "kasa_config",
+    "monteclora_config",
+    "velora_config",
+    "lora_ga_config",
+    "corda_config",
+    "loftq_config",
+)
+# Inits that rewrite the base weights: the saved tensors only fit that rewritten base.
+_BASE_CHANGING_INIT = re.compile(r"pissa.*|olora|corda|loftq|lora[-_]ga")
+
+
+def to_peft(
+    config: LoraConfig,
+    target_modules: str | list[str],
+    fan_in_fan_out: bool,
+    base_model_name_or_path: str | None,
+) -> dict[str, object]:
+    """The adapter_config.json of `config`, with exactly the keys PEFT documents.
+
+    `target_modules` is what the caller worked out matches exactly the adapted layers.
+    """
+    return {
+        "peft_type": "LORA",
+        "r": config.rank,
+        "lora_alpha": _number(config.alpha),
+        "target_modules": target_modules,
+        "lora_dropout": config.dropout,
+        "bias": config.bias,
+        "use_rslora": config.use_rslora,
+        "use_dora": False,
+        "rank_pattern": dict(config.rank_pattern),
+        "alpha_pattern": {k: _number(v) for k, v in config.alpha_pattern.items()},
+        "modules_to_save": list(config.modules_to_save) or None,
+        "fan_in_fan_out": fan_in_fan_out,
+        "init_lora_weights": "gaussian" if config.init == "gaussian" else True,
+        "inference_mode": True,
+        "base_model_name_or_path": base_model_name_or_path,
+        "task_type": None,
+    }
+
+
+def _number(x: float) -> int | float:
+    return int(x) if float(x).is_integer() else x
+
+
+def _off(value: object) -> bool:
+    return value is None or value is False or value == {} or value == []
+
+
+def from_peft(raw: Mapping[str, object], source: str) -> LoraConfig:
+    """Translate a PEFT adapter_config.json (dict) into a LoraConfig for loading.
+
+    Raises:
+        CheckpointError: not a LoRA config, a required key is missing, a PEFT feature lorakit
+            does not reproduce is on, or a value is invalid; the message names file and key.
+    Warns:
+        UserWarning: for keys that are not PEFT LoraConfig fields (they are ignored).
+    """
+    unknown = sorted(set(raw) - PEFT_KEYS)
+    if unknown:
+        warnings.warn(f"{source}: unknown keys {unknown} are ignored", UserWarning, stacklevel=3)
+    if raw.get("peft_type", "LORA") != "LORA":
+        raise CheckpointError(f"{source}: peft_type is {raw['peft_type']!r}; lorakit reads LORA")
+    for key in UNSUPPORTED:
+        if not _off(raw.get(key)):
+            raise CheckpointError(
+                f"{source}: {key}={raw[key]!r} is a PEFT feature lorakit does not support"
+            )
+    init = raw.get("init_lora_weights", True)
+    if isinstance(init, str) and _BASE_CHANGING_INIT.fullmatch(init):
+        raise CheckpointError(
+            f"{source}: init_lora_weights={init!r} rewrites the base weights; convert the "
+            "adapter to plain LoRA with PEFT first"
+        )
+    for key in ("r", "target_modules"):
+        if raw.get(key) is None:
+            raise CheckpointError(f"{source}: {key!r} is missing")
+    targets = raw["target_modules"]
+    if isinstance(targets, list):
+        targets = tuple(dict.fromkeys(targets))  # PEFT writes sets as lists, maybe repeated
+    saved = raw.get("modules_to_save") or ()
+    try:
+        return LoraConfig(
+            rank=raw["r"],
+            alpha=raw.get("lora_alpha", 8),
+            dropout=raw.get("lora_dropout", 0.0) or 0.0,
+            targets=targets,
+            exclude=_exclude(raw.get("exclude_modules")),
+            rank_pattern=raw.get("rank_pattern") or {},
+            alpha_pattern=raw.get("alpha_pattern") or {},
+            use_rslora=bool(raw.get("use_rslora", False)),
+            bias=raw.get("bias", "none"),
+            modules_to_save=tuple(dict.fromkeys(saved)),
+            init="zeros",  # the file's tensors overwrite both factors
+        )
+    except (ValueError, TypeError) as err:
+        raise CheckpointError(f"{source}: {err}") from None
+
+
+def _exclude(value: object) -> str | tuple[str, ...]:
+    if value is None:
+        return ()
+    return value if isinstance(value, str) else tuple(value)
+
+
+def lora_keys(path: str, embedding: bool) -> tuple[str, str]:
+    """PEFT's keys of A and B for the layer at `path`."""
+    if embedding:
+        return f"{PREFIX}{path}.lora_embedding_A", f"{PREFIX}{path}.lora_embedding_B"
+    return f"{PREFIX}{path}.lora_A.weight", f"{PREFIX}{path}.lora_B.weight"
+
+
+def param_key(path: str, param: str, adapted: bool) -> str:
+    """PEFT's key of a full tensor: `.base_layer.` in front of an adapted layer's own tensors."""
+    return f"{PREFIX}{path}.{'base_layer.' if adapted else ''}{param}"
+
+
+def with_prefix(key: str) -> str:
+    """PEFT accepts keys with or without `base_model.model.`; lorakit compares with it."""
+    return key if key.startswith(PREFIX) else PREFIX + key
+
+
+def is_all_linear(targets: object) -> bool:
+    return targets == ALL_LINEAR

@@ -1,0 +1,102 @@
+"""Which tensors an adapter file holds for a model: PEFT key -> slot (module, tensor, shape).
+
+The same plan drives saving (where each tensor comes from) and loading (what must be in the
+file, with which shape), so the two cannot disagree.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Literal
+
+from torch import Tensor, nn
+
+from ..config import ALL_LINEAR, LoraConfig
+from ..inject import base_modules, matches_suffix
+from ..layers import LoraLayer, lora_class
+from .peft_format import lora_keys, param_key
+
+Kind = Literal["lora_A", "lora_B", "tensor"]
+
+
+@dataclass(frozen=True)
+class Slot:
+    """Where one file tensor lives: `module` path, then `name` ("lora_A", "lora_B", or a
+    parameter / buffer of that module), with the `shape` it must have."""
+
+    kind: Kind
+    module: str
+    name: str
+    shape: tuple[int, ...]
+
+
+def lora_shapes(module: nn.Module, config: LoraConfig) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Shapes of A (r, in, *k) and B (out, r, *1) for `module` under its per-module `config`."""
+    cls = lora_class(module)
+    in_features, out_features, kernel = cls.lora_dims(module)  # reads only base attributes
+    ones = (1,) * len(kernel)
+    return (config.rank, in_features, *kernel), (out_features, config.rank, *ones)
+
+
+def _own_tensors(module: nn.Module, prefix: str) -> Iterable[tuple[str, str, Tensor]]:
+    """(owner path, tensor name, tensor) of each parameter and persistent buffer."""
+    for path, sub in base_modules(module, prefix):
+        for name, p in sub._parameters.items():
+            if p is not None:
+                yield path, name, p
+        for name, b in sub._buffers.items():
+            if b is not None and name not in sub._non_persistent_buffers_set:
+                yield path, name, b
+
+
+def plan(
+    model: nn.Module, config: LoraConfig, targets: list[tuple[str, nn.Module]]
+) -> dict[str, Slot]:
+    """PEFT key -> Slot for an adapter with `config` on the layers `targets` (path, module)."""
+    slots: dict[str, Slot] = {}
+    adapted = {path for path, _ in targets}
+    for path, module in targets:
+        a_shape, b_shape = lora_shapes(module, config.for_module(path))
+        key_a, key_b = lora_keys(path, lora_class(module).is_embedding)
+        slots[key_a] = Slot("lora_A", path, "lora_A", a_shape)
+        slots[key_b] = Slot("lora_B", path, "lora_B", b_shape)
+    if config.bias != "none":
+        pool = targets if config.bias == "lora_only" else list(base_modules(model))
+        for path, module in pool:
+            bias = module._parameters.get("bias") if path else None
+            if isinstance(bias, nn.Parameter):
+                key = param_key(path, "bias", adapted=path in adapted)
+                slots[key] = Slot("tensor", path, "bias", tuple(bias.shape))
+    for path, _ in base_modules(model):
+        if path and matches_suffix(path, config.modules_to_save):
+            for owner, name, t in _own_tensors(model.get_submodule(path), path):
+                key = param_key(owner, name, adapted=False)
+                slots[key] = Slot("tensor", owner, name, tuple(t.shape))
+    return slots
+
+
+def peft_targets(model: nn.Module, config: LoraConfig, adapted: list[str]) -> str | list[str]:
+    """`target_modules` for PEFT: the config's own when PEFT's matching of it picks exactly
+    the adapted layers, else the explicit list of adapted paths (what PEFT writes itself
+    for "all-linear")."""
+    targets = config.targets
+    if targets != ALL_LINEAR and not config.exclude:
+        names = [n for n, _ in base_modules(model) if n]
+        if isinstance(targets, str):
+            matched = {n for n in names if re.fullmatch(targets, n)}
+        else:
+            matched = {n for n in names if matches_suffix(n, targets)}
+        if matched == set(adapted):
+            return targets if isinstance(targets, str) else list(targets)
+    return sorted(adapted)
+
+
+def base_shapes(targets: list[tuple[str, nn.Module]]) -> dict[str, list[int]]:
+    """{path: weight shape} of the adapted layers: the base model's fingerprint material."""
+    return {path: list(module.weight.shape) for path, module in targets}
+
+
+def is_lora_layer(module: nn.Module) -> bool:
+    return isinstance(module, LoraLayer)
