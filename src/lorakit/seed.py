@@ -82,9 +82,10 @@ def wrap(
         AdapterError: the layer already has an adapter called `name`.
     """
     check_adapter_name(name)
+    # Validate everything before the layer changes class, so a bad option leaves it untouched.
+    config = LoraConfig(rank=rank, alpha=alpha, dropout=dropout, init=init, targets=(name,))
     cls = lora_class(original)
     layer = original if isinstance(original, LoraLayer) else cls.adapt(original)
-    config = LoraConfig(rank=rank, alpha=alpha, dropout=dropout, init=init, targets=(name,))
     layer.weight.requires_grad_(False)
     if getattr(layer, "bias", None) is not None:
         layer.bias.requires_grad_(False)
