@@ -85,7 +85,9 @@ def save_adapter(model: nn.Module, path: str | PathLike, adapter_name: str = DEF
     config = configs[adapter_name]
     targets = [(p, layer) for p, layer in lora_layers(model) if adapter_name in layer.lora]
     slots = plan(model, config, targets)
-    tensors = {key: _tensor(model, slot, adapter_name) for key, slot in slots.items()}
+    tensors = {
+        key: _tensor(model, slot, adapter_name) for key, slot in slots.items() if not slot.optional
+    }
     fan_in_fan_out = any(isinstance(layer, Conv1DLora) for _, layer in targets)
     name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
     peft_config = to_peft(
@@ -207,6 +209,8 @@ def load_adapter(
     inject(model, config, adapter_name=adapter_name)
     with torch.no_grad():
         for key, slot in slots.items():
+            if key not in tensors:
+                continue  # an optional tensor the file does not have
             module = model.get_submodule(slot.module)
             owner = module.lora[adapter_name] if slot.kind != "tensor" else module
             getattr(owner, slot.name).copy_(tensors[key])
@@ -263,7 +267,9 @@ def _has(model: nn.Module, path: str) -> bool:
 
 def _check_tensors(slots: dict[str, Slot], tensors: dict[str, Tensor], folder: Path) -> None:
     """Every planned tensor present with its shape, nothing else: all problems in one error."""
-    problems = [f"missing {k!r} {s.shape}" for k, s in slots.items() if k not in tensors]
+    problems = [
+        f"missing {k!r} {s.shape}" for k, s in slots.items() if k not in tensors and not s.optional
+    ]
     problems += [f"unexpected {k!r}" for k in tensors if k not in slots]
     problems += [
         f"{k!r} has shape {tuple(t.shape)}, the model needs {slots[k].shape}"

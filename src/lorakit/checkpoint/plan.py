@@ -19,17 +19,21 @@ from ..layers import LoraLayer, lora_class
 from .peft_format import lora_keys, param_key
 
 Kind = Literal["lora_A", "lora_B", "tensor"]
+# PEFT may save these layers' base weights (save_embedding_layers, e.g. after a vocab resize)
+EMBEDDING_NAMES = ("embed_tokens", "lm_head")
 
 
 @dataclass(frozen=True)
 class Slot:
     """Where one file tensor lives: `module` path, then `name` ("lora_A", "lora_B", or a
-    parameter / buffer of that module), with the `shape` it must have."""
+    parameter / buffer of that module), with the `shape` it must have; `optional` ones may be
+    absent (base weights PEFT adds for embeddings)."""
 
     kind: Kind
     module: str
     name: str
     shape: tuple[int, ...]
+    optional: bool = False
 
 
 def lora_shapes(module: nn.Module, config: LoraConfig) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -62,6 +66,9 @@ def plan(
         key_a, key_b = lora_keys(path, lora_class(module).is_embedding)
         slots[key_a] = Slot("lora_A", path, "lora_A", a_shape)
         slots[key_b] = Slot("lora_B", path, "lora_B", b_shape)
+        # PEFT saves the base weight of an adapted embedding too (save_embedding_layers)
+        weight = param_key(path, "weight", adapted=True)
+        slots[weight] = Slot("tensor", path, "weight", tuple(module.weight.shape), optional=True)
     if config.bias != "none":
         pool = targets if config.bias == "lora_only" else list(base_modules(model))
         for path, module in pool:
@@ -69,6 +76,12 @@ def plan(
             if isinstance(bias, nn.Parameter):
                 key = param_key(path, "bias", adapted=path in adapted)
                 slots[key] = Slot("tensor", path, "bias", tuple(bias.shape))
+    for path, module in base_modules(model):
+        if path.endswith(EMBEDDING_NAMES) and path not in adapted:
+            weight = getattr(module, "weight", None)
+            if isinstance(weight, nn.Parameter):
+                key = param_key(path, "weight", adapted=False)
+                slots[key] = Slot("tensor", path, "weight", tuple(weight.shape), optional=True)
     for path, _ in base_modules(model):
         if path and matches_suffix(path, config.modules_to_save):
             for owner, name, t in _own_tensors(model.get_submodule(path), path):
