@@ -16,8 +16,13 @@ def adapter_names(model: nn.Module) -> tuple[str, ...]:
 
 
 def active_adapters(model: nn.Module) -> tuple[str, ...]:
-    """Names of the adapters whose deltas the model adds now."""
-    return next((layer.lora_active for _, layer in lora_layers(model)), ())
+    """Names of the adapters whose deltas the model adds now (on any layer), oldest first."""
+    # Adapters may sit on different layers, so no single layer knows them all.
+    active: dict[str, None] = {}
+    for _, layer in lora_layers(model):
+        active.update(dict.fromkeys(layer.lora_active))
+    order = {name: i for i, name in enumerate(adapter_names(model))}
+    return tuple(sorted(active, key=lambda name: order.get(name, len(order))))
 
 
 def _check_known(model: nn.Module, names: Iterable[str]) -> tuple[str, ...]:
