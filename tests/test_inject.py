@@ -413,3 +413,34 @@ def test_lora_only_bias_with_an_adapted_embedding():
     assert {n for n, p in model.named_parameters() if p.requires_grad} == expected
     _train_step(BERT, model)
     assert {n for n, p in model.named_parameters() if p.grad is not None} == expected
+
+
+class ScaledLinear(nn.Linear):
+    """A Linear subclass (like many in the wild): adapted through a class made at run time."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 0.5 * super().forward(x)
+
+
+class WithSubclass(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = ScaledLinear(6, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x)
+
+
+def test_adapted_subclass_pickles_and_deepcopies(tmp_path):
+    torch.manual_seed(0)
+    model = WithSubclass()
+    x = torch.randn(3, 6)
+    lorakit.inject(model, LoraConfig(targets=["fc"]))
+    randomise_lora(model)
+    expected = model(x)
+    assert isinstance(model.fc, ScaledLinear) and isinstance(model.fc, LoraLayer)
+    torch.save(model, tmp_path / "model.pt")
+    for other in (torch.load(tmp_path / "model.pt", weights_only=False), copy.deepcopy(model)):
+        assert type(other.fc) is type(model.fc)
+        assert torch.equal(other(x), expected)
+        assert type(other.fc.restore()) is ScaledLinear

@@ -67,4 +67,17 @@ def lora_class(module: nn.Module) -> type[LoraLayer]:
 @cache
 def _subclass(mixin: type[LoraLayer], base: type[nn.Module]) -> type[LoraLayer]:
     """LoRA class for a subclass of a supported type; keeps the subclass's own forward."""
-    return type(f"LoRA{base.__name__}", (mixin, base), {"base_class": base})
+    namespace = {"base_class": base, "__reduce_ex__": _reduce_subclass}
+    return type(f"LoRA{base.__name__}", (mixin, base), namespace)
+
+
+def _reduce_subclass(self: LoraLayer, protocol: int) -> tuple:
+    # A class made by `_subclass` cannot be found by name, so pickle says how to remake it.
+    cls = type(self)
+    return _new_subclass, (cls.__bases__[0], cls.base_class), self.__getstate__()
+
+
+def _new_subclass(mixin: type[LoraLayer], base: type[nn.Module]) -> LoraLayer:
+    """An empty instance of `_subclass(mixin, base)`; pickle then restores its state."""
+    cls = _subclass(mixin, base)
+    return cls.__new__(cls)
