@@ -1,0 +1,233 @@
+"""LoRA train-step and inference speed, and train-step memory: lorakit vs PEFT vs the floor.
+
+    .venv/bin/python benchmarks/train_step.py            # full run (under ~10 minutes)
+    .venv/bin/python benchmarks/train_step.py --quick    # fewer rounds, smaller sweeps
+
+Prints Markdown tables and writes JSON to benchmarks/results/. Workload (the issue's): a
+Llama-style transformers model, hidden 512, 4 layers, MLP 1376, 8 heads, vocab 4096, batch
+8 x 256 tokens, fp32, rank 8 (alpha 16) on q, k, v, o, gate, up, down.
+
+Variants: floor = frozen model, forward + backward to the embedding output (input gradients
+only, no weight gradient anywhere); lorakit; PEFT (`peft.get_peft_model`, same config); full
+finetuning. A train step is forward + loss + backward (no optimizer step, for every variant).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (  # noqa: E402
+    Workload,
+    build_base,
+    infer_step,
+    input_ids,
+    interleaved,
+    make_variant,
+    measure_memory,
+    median,
+    memory_child,
+    table,
+    train_step,
+)
+
+import lorakit  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def train_section(w: Workload, reps: int) -> dict:
+    """floor, full, lorakit, PEFT, and both with dropout 0.1, interleaved in one run."""
+    base = build_base(w)
+    ids = input_ids(w)
+    dropped = dataclasses.replace(w, dropout=0.1)
+    models = {
+        "floor": make_variant("floor", base, w),
+        "full": make_variant("full", base, w),
+        "lorakit": make_variant("lorakit", base, w),
+        "peft": make_variant("peft", base, w),
+        "lorakit dropout 0.1": make_variant("lorakit", base, dropped),
+        "peft dropout 0.1": make_variant("peft", base, dropped),
+    }
+    for m in models.values():
+        m.train()
+    fns = {n: _train_fn(m, ids, n == "floor") for n, m in models.items()}
+    return {n: median(t) for n, t in interleaved(fns, reps).items()}
+
+
+def _train_fn(model, ids, floor):
+    def run() -> None:
+        train_step(model, ids, floor)
+
+    return run
+
+
+def _infer_fn(model, ids):
+    def run() -> None:
+        infer_step(model, ids)
+
+    return run
+
+
+def infer_section(w: Workload, reps: int) -> dict:
+    """base, lorakit unmerged, lorakit merged, PEFT unmerged: no_grad forward, eval mode."""
+    base = build_base(w)
+    ids = input_ids(w)
+    models = {
+        "base": make_variant("floor", base, w),
+        "lorakit unmerged": make_variant("lorakit", base, w),
+        "lorakit merged": make_variant("lorakit", base, w),
+        "peft unmerged": make_variant("peft", base, w),
+    }
+    for m in models.values():
+        m.eval()
+        _randomise(m)
+    lorakit.merge(models["lorakit merged"])
+    fns = {n: _infer_fn(m, ids) for n, m in models.items()}
+    return {n: median(t) for n, t in interleaved(fns, reps).items()}
+
+
+def _randomise(model) -> None:
+    """Non-zero B everywhere, so no path can skip work on an all-zero adapter."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:  # benchmark-only shortcut: both libraries name B this way
+                p.normal_(0, 0.01)
+
+
+def sweep_section(workloads: list[Workload], reps: int) -> list[dict]:
+    """floor, lorakit, PEFT train steps for each workload (one interleaved run each)."""
+    out = []
+    for w in workloads:
+        base = build_base(w)
+        ids = input_ids(w)
+        models = {n: make_variant(n, base, w) for n in ("floor", "lorakit", "peft")}
+        fns = {n: _train_fn(m, ids, n == "floor") for n, m in models.items()}
+        times = {n: median(t) for n, t in interleaved(fns, reps).items()}
+        out.append({"workload": dataclasses.asdict(w), "seconds": times})
+        print(f"  {w.label()}: " + ", ".join(f"{n} {t * 1e3:.0f} ms" for n, t in times.items()))
+        del models, fns
+    return out
+
+
+def memory_section(w: Workload, variants: list[tuple[str, float]]) -> dict:
+    out = {}
+    for variant, p in variants:
+        label = variant if p == 0 else f"{variant} dropout {p:g}"
+        out[label] = measure_memory(variant, dataclasses.replace(w, dropout=p))
+        print(f"  {label}: {out[label]['step_peak_mib']:.0f} MiB")
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="3 rounds, smaller sweeps")
+    parser.add_argument("--reps", type=int, default=None, help="timed rounds (default 7, quick 3)")
+    parser.add_argument("--memory-child", help=argparse.SUPPRESS)
+    parser.add_argument("--workload", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.memory_child:
+        w = Workload(**json.loads(args.workload))
+        print(json.dumps(memory_child(args.memory_child, w)))
+        return
+    reps = args.reps or (3 if args.quick else 7)
+    w = Workload()
+    started = time.perf_counter()
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"{platform.processor() or platform.machine()}"
+    )
+    print(f"workload: {w.label()}; median of {reps} interleaved rounds\n")
+
+    train = train_section(w, reps)
+    floor, peft_t = train["floor"], train["peft"]
+    rows = [("train step", "ms", "/ floor", "/ PEFT (same dropout)")]
+    for name, t in train.items():
+        ref = train["peft dropout 0.1"] if "dropout" in name else peft_t
+        rows.append((name, f"{t * 1e3:.0f}", f"{t / floor:.3f}", f"{t / ref:.3f}"))
+    print(table(rows), "\n")
+
+    infer = infer_section(w, reps)
+    rows = [("inference (no_grad forward)", "ms", "/ base")]
+    rows += [(n, f"{t * 1e3:.0f}", f"{t / infer['base']:.3f}") for n, t in infer.items()]
+    print(table(rows), "\n")
+
+    print("memory: peak resident memory of one train step above the resting process (MiB)")
+    if args.quick:
+        mem_variants = [("floor", 0.0), ("lorakit", 0.0), ("peft", 0.0)]
+    else:
+        mem_variants = [
+            ("floor", 0.0),
+            ("full", 0.0),
+            ("lorakit", 0.0),
+            ("peft", 0.0),
+            ("lorakit", 0.1),
+            ("peft", 0.1),
+        ]
+    memory = memory_section(w, mem_variants)
+    rows = [("train step memory", "MiB", "/ PEFT (same dropout)")]
+    for name, m in memory.items():
+        ref = memory.get("peft dropout 0.1" if "dropout" in name else "peft")
+        rows.append(
+            (name, f"{m['step_peak_mib']:.0f}", f"{m['step_peak_mib'] / ref['step_peak_mib']:.3f}")
+        )
+    print(table(rows), "\n")
+
+    print("sweeps (train step):")
+    ranks = (4, 64) if args.quick else (4, 16, 64)
+    workloads = [dataclasses.replace(w, rank=r) for r in ranks]
+    hiddens = (
+        [(256, 688, 4, 4, 8, 256)]
+        if args.quick
+        else [
+            (256, 688, 4, 4, 8, 256),
+            (1024, 2752, 16, 4, 8, 256),
+            (2048, 5504, 32, 2, 4, 128),  # shrunk: 2 layers, batch 4 x 128, to keep the run short
+        ]
+    )
+    workloads += [
+        dataclasses.replace(w, hidden=h, intermediate=i, heads=nh, layers=nl, batch=b, tokens=t)
+        for h, i, nh, nl, b, t in hiddens
+    ]
+    sweeps = sweep_section(workloads, max(5, reps - 2) if not args.quick else reps)
+    rows = [("sweep", "lorakit / floor", "PEFT / floor", "lorakit / PEFT")]
+    for s in sweeps:
+        wl, t = Workload(**s["workload"]), s["seconds"]
+        rows.append(
+            (
+                wl.label(),
+                f"{t['lorakit'] / t['floor']:.3f}",
+                f"{t['peft'] / t['floor']:.3f}",
+                f"{t['lorakit'] / t['peft']:.3f}",
+            )
+        )
+    print(table(rows), "\n")
+
+    result = {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "reps": reps,
+        "workload": dataclasses.asdict(w),
+        "train_seconds": train,
+        "infer_seconds": infer,
+        "memory_mib": memory,
+        "sweeps": sweeps,
+        "wall_seconds": time.perf_counter() - started,
+    }
+    RESULTS.mkdir(exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for path in (RESULTS / f"train_step-{stamp}.json", RESULTS / "train_step-latest.json"):
+        path.write_text(json.dumps(result, indent=2))
+    print(f"wrote {RESULTS / f'train_step-{stamp}.json'} ({result['wall_seconds']:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
