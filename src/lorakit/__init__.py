@@ -23,6 +23,7 @@ from .inject import (
 )
 from .layers import LoRA, LoRAConv1d, LoRAConv2d, LoRAConv3d, LoRAEmbedding, LoraLayer, LoRALinear
 from .merge import disabled, merge, merge_and_unload, unload, unmerge
+from .routing import routing
 from .seed import build, lora_delta, output_size, wrap
 
 __version__ = "0.1.0"
@@ -59,6 +60,7 @@ __all__ = [
     "merge_and_unload",
     "output_size",
     "print_trainable_parameters",
+    "routing",
     "save_adapter",
     "set_active",
     "summary",

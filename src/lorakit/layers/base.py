@@ -139,6 +139,8 @@ class LoraLayer(nn.Module):
         y = self.base_class.forward(self, x)
         if self.lora_disabled:
             return y
+        if self.lora_routing is not None:  # a mixed-adapter batch: see lorakit.routing
+            return self.lora_routing.add_delta(self, x, y)
         for name in self.lora_active:
             if name not in self.lora_merged:
                 y = y + self.lora_delta(self.lora[name], x).to(y.dtype)

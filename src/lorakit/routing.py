@@ -1,0 +1,180 @@
+"""Mixed-adapter batches: each row of a batch goes through its own adapter, or none.
+
+Inside `with routing(model, ["a", None, "b", "a"]):` every adapted layer computes, for row i,
+
+    y_i = base(x_i) + s_{a_i} * B_{a_i} A_{a_i} x_i          (nothing added where a_i is None)
+
+in tensor ops: per layer, the routed adapters' factors are stacked once (ranks zero-padded
+to the largest, scale folded into B, a zero adapter at index 0 for `None` rows), gathered
+per row by index, and applied with two batched matmuls (`bmm`, then `baddbmm_` into the
+base output) — no Python loop over rows or adapters.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .adapters import adapter_names
+from .errors import AdapterError, UnsupportedLayerError
+from .inject import lora_layers
+from .layers.base import LoraLayer
+from .layers.conv import ConvLora
+
+__all__ = ["RowRouting", "routing"]
+
+
+class RowRouting:
+    """Which adapter each row uses, and the per-layer stacks built from it.
+
+    Attributes:
+        names: the adapters that some row uses, in first-use order.
+        rows: (batch,) long; 0 for "no adapter", i + 1 for names[i].
+    """
+
+    def __init__(self, names: tuple[str, ...], rows: Tensor) -> None:
+        self.names = names
+        self.rows = rows
+        # Per layer: (rows on the layer's device, A stack, B stack); kept while grad is off,
+        # so repeated forward calls in one context (e.g. generation) stack only once.
+        self._cache: dict[int, tuple[Tensor, Tensor, Tensor, Tensor]] = {}
+
+    def __repr__(self) -> str:
+        return f"RowRouting(names={self.names}, rows={self.rows.tolist()})"
+
+    def _stacks(self, layer: LoraLayer) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
+        """(rows, A (n+1, r, in), B (n+1, out, r), dropout p (n+1,)) for this layer, or
+        None when no routed adapter sits on it."""
+        key = id(layer)
+        if key in self._cache:
+            return self._cache[key]
+        here = [n for n in self.names if n in layer.lora]
+        if not here:
+            return None
+        adapters = [layer.lora[n] for n in here]
+        rank = max(a.rank for a in adapters)
+        A0 = adapters[0].lora_A
+        # Zero rows / columns pad every rank to the largest: they add exact zeros.
+        a_list = [_pad(a.lora_A.flatten(1), 0, rank) for a in adapters]
+        b_list = [_pad(a.lora_B.reshape(a.out_features, a.rank) * a.scaling, 1, rank)
+                  for a in adapters]  # fmt: skip
+        a_stack = torch.stack([torch.zeros_like(a_list[0]), *a_list])
+        b_stack = torch.stack([torch.zeros_like(b_list[0]), *b_list])
+        # this layer's stack index of each routed name (0 when the name is not on this layer)
+        position = {n: i + 1 for i, n in enumerate(here)}
+        remap = torch.tensor([0] + [position.get(n, 0) for n in self.names])
+        rows = remap[self.rows].to(A0.device)
+        p = torch.tensor([0.0] + [_dropout_p(a) for a in adapters], device=A0.device)
+        stacks = (rows, a_stack, b_stack, p)
+        if not torch.is_grad_enabled():
+            self._cache[key] = stacks  # no graph attached: safe to reuse
+        return stacks
+
+    def add_delta(self, layer: LoraLayer, x: Tensor, y: Tensor) -> Tensor:
+        """y + the per-row deltas of `layer` for input x (rows along dim 0)."""
+        batch = self.rows.shape[0]
+        if x.shape[0] != batch:
+            raise AdapterError(
+                f"routing has {batch} rows but a layer got input of shape {tuple(x.shape)}; "
+                "the batch must be dim 0 of every adapted layer's input"
+            )
+        stacks = self._stacks(layer)
+        if stacks is None:
+            return y
+        rows, a_stack, b_stack, p = stacks
+        if layer.is_embedding:
+            h = _embedding_h(x, rows, a_stack)
+        else:
+            h = _linear_h(x.to(a_stack.dtype), rows, a_stack, p, layer.training)
+        bt = b_stack[rows].transpose(1, 2)  # (batch, r, out)
+        y3 = y.reshape(batch, -1, y.shape[-1])
+        if y.dtype == h.dtype and y3.data_ptr() == y.data_ptr() and not _needs_graph(y, h, bt):
+            y3.baddbmm_(h, bt)  # in place: no second (batch, T, out) tensor
+            return y
+        return y + torch.bmm(h, bt).reshape(y.shape).to(y.dtype)
+
+
+def _pad(t: Tensor, dim: int, size: int) -> Tensor:
+    """`t` with zeros appended along `dim` (0 or 1 of a 2-d tensor) up to `size`."""
+    missing = size - t.shape[dim]
+    return F.pad(t, (0, missing) if dim == 1 else (0, 0, 0, missing)) if missing else t
+
+
+def _needs_graph(*tensors: Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def _linear_h(x: Tensor, rows: Tensor, a_stack: Tensor, p: Tensor, training: bool) -> Tensor:
+    """A_{a_i} drop(x_i) for every row: (batch, T, r), with x (batch, ..., in)."""
+    batch = rows.shape[0]
+    x3 = x.reshape(batch, -1, x.shape[-1])
+    if training and bool((p > 0).any()):
+        keep = (1 - p[rows]).view(batch, 1, 1)  # each row with its own adapter's dropout
+        x3 = x3 * (torch.rand_like(x3) < keep) / keep
+    return torch.bmm(x3, a_stack[rows].transpose(1, 2))
+
+
+def _embedding_h(ids: Tensor, rows: Tensor, a_stack: Tensor) -> Tensor:
+    """A_{a_i}^T[ids_i] for every row: (batch, T, r); one lookup in all tables side by side."""
+    batch = rows.shape[0]
+    n, rank, vocab = a_stack.shape
+    table = a_stack.transpose(1, 2).reshape(n * vocab, rank)  # row a * vocab + id
+    flat = ids.reshape(batch, -1) + rows.view(batch, 1) * vocab
+    return F.embedding(flat, table)
+
+
+def _dropout_p(adapter: nn.Module) -> float:
+    drop = adapter.dropout
+    return float(drop.p) if isinstance(drop, nn.Dropout) else 0.0
+
+
+@contextmanager
+def routing(model: nn.Module, adapters_per_row: Sequence[str | None]) -> Iterator[nn.Module]:
+    """Within the block, row i of every batch uses adapter `adapters_per_row[i]` (None: base).
+
+    The batch is dim 0 of each adapted layer's input, as in transformers models ((B, T, d)
+    hidden states, (B, T) token ids). Active adapters are ignored meanwhile; outputs equal
+    running each row alone with only its adapter active. Works for Linear, GPT-2 Conv1D and
+    Embedding layers, with any mix of ranks.
+
+    Raises:
+        AdapterError: an unknown adapter name, merged adapters, an empty list, or a nested
+            routing context.
+        UnsupportedLayerError: a routed adapter sits on a convolution.
+    """
+    rows = list(adapters_per_row)
+    if not rows:
+        raise AdapterError("adapters_per_row is empty; give one adapter name (or None) per row")
+    known = adapter_names(model)
+    unknown = sorted({str(n) for n in rows if n is not None and n not in known})
+    if unknown:
+        raise AdapterError(f"adapters_per_row names unknown adapter(s) {unknown}; the model has "
+                           f"{list(known)}")  # fmt: skip
+    names = tuple(dict.fromkeys(n for n in rows if n is not None))
+    layers = list(lora_layers(model))
+    for path, layer in layers:
+        if layer.lora_merged:
+            raise AdapterError(
+                f"cannot route rows while {list(layer.lora_merged)} are merged (layer {path!r}); "
+                "call lorakit.unmerge(model) first"
+            )
+        if layer.lora_routing is not None:
+            raise AdapterError(f"layer {path!r} is already routed; routing contexts do not nest")
+        if isinstance(layer, ConvLora) and any(n in layer.lora for n in names):
+            raise UnsupportedLayerError(
+                f"mixed-adapter batches support Linear, GPT-2 Conv1D and Embedding layers; "
+                f"{path!r} is a {type(layer).__name__}"
+            )
+    index = {n: i + 1 for i, n in enumerate(names)}
+    state = RowRouting(names, torch.tensor([0 if n is None else index[n] for n in rows]))
+    try:
+        for _, layer in layers:
+            layer.lora_routing = state
+        yield model
+    finally:
+        for _, layer in layers:
+            layer.lora_routing = None
