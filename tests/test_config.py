@@ -54,6 +54,11 @@ def test_normalises_lists_to_tuples_and_numbers_to_float():
     assert LoraConfig(dtype=None).dtype is None
 
 
+def test_none_patterns_are_empty():
+    config = LoraConfig(rank_pattern=None, alpha_pattern=None)
+    assert config.rank_pattern == {} and config.alpha_pattern == {}
+
+
 def test_pattern_dicts_are_copied():
     ranks = {"q_proj": 4}
     config = LoraConfig(rank_pattern=ranks)
@@ -140,6 +145,8 @@ BAD = [
     ("rank_pattern", {"q_proj": 0}, r"rank_pattern\['q_proj'\] must be a positive integer, got 0"),
     ("rank_pattern", {"(": 4}, r"rank_pattern is not a valid regex: '\('"),
     ("alpha_pattern", {"v": -2.0}, r"alpha_pattern\['v'\] must be a positive finite number"),
+    ("rank_pattern", [("q", 4)], r"rank_pattern must map module name suffixes to values"),
+    ("alpha_pattern", {1: 2.0}, r"alpha_pattern must map module name suffixes to values, got"),
     ("use_rslora", "yes", r"use_rslora must be a bool, got 'yes'"),
 ]
 

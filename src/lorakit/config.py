@@ -77,6 +77,17 @@ def _as_tuple(value: object, option: str) -> tuple[str, ...]:
     raise ConfigError(f"{option} must be a list of module names, got {value!r}")
 
 
+def _as_patterns(value: object, option: str) -> dict:
+    """A copy of a {suffix regex: value} mapping (None is empty), its keys checked."""
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping) or not all(isinstance(k, str) and k for k in value):
+        raise ConfigError(f"{option} must map module name suffixes to values, got {value!r}")
+    for key in value:
+        _compile(key, option)
+    return dict(value)
+
+
 def _as_dtype(value: object) -> torch.dtype | None:
     if value is None:
         return None
@@ -140,14 +151,12 @@ class LoraConfig:
         elif not isinstance(self.exclude, str):
             set_(self, "exclude", _as_tuple(self.exclude, "exclude"))
         set_(self, "modules_to_save", _as_tuple(self.modules_to_save, "modules_to_save"))
-        for key, r in dict(self.rank_pattern).items():
-            _compile(key, "rank_pattern")
+        set_(self, "rank_pattern", _as_patterns(self.rank_pattern, "rank_pattern"))
+        set_(self, "alpha_pattern", _as_patterns(self.alpha_pattern, "alpha_pattern"))
+        for key, r in self.rank_pattern.items():
             check_rank(r, f"rank_pattern[{key!r}]")
-        for key, a in dict(self.alpha_pattern).items():
-            _compile(key, "alpha_pattern")
-            check_alpha(a, f"alpha_pattern[{key!r}]")
-        set_(self, "rank_pattern", dict(self.rank_pattern))
-        set_(self, "alpha_pattern", {k: float(v) for k, v in dict(self.alpha_pattern).items()})
+        for key, a in self.alpha_pattern.items():
+            self.alpha_pattern[key] = check_alpha(a, f"alpha_pattern[{key!r}]")
         if not isinstance(self.use_rslora, bool):
             raise ConfigError(f"use_rslora must be a bool, got {self.use_rslora!r}")
         check_choice(self.bias, "bias", _BIAS)
