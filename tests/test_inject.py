@@ -444,3 +444,44 @@ def test_adapted_subclass_pickles_and_deepcopies(tmp_path):
         assert type(other.fc) is type(model.fc)
         assert torch.equal(other(x), expected)
         assert type(other.fc.restore()) is ScaledLinear
+
+
+
+class Encoder(nn.Module):
+    def __init__(self, embed: nn.Embedding) -> None:
+        super().__init__()
+        self.embed_tokens = embed
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.embed_tokens(ids))
+
+
+class SharedEmbedding(nn.Module):
+    """One embedding registered at two paths, as T5 and BART do in transformers 4.x."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.shared = nn.Embedding(10, 4)
+        self.encoder = Encoder(self.shared)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.encoder(ids) + self.shared(ids)
+
+
+def test_module_shared_between_paths_is_adapted_once():
+    ids = torch.tensor([[1, 2, 3], [4, 5, 9]])
+    base = SharedEmbedding()(ids)
+    model = SharedEmbedding()
+    report = lorakit.inject(model, LoraConfig(targets=r".*(shared|embed_tokens|fc)"))
+    assert report.adapted == ("shared", "encoder.fc")  # named_modules' paths, as in PEFT
+    assert isinstance(model.encoder.embed_tokens, LoraLayer)
+    assert report.trainable == 8 * (10 + 4) + 8 * (4 + 4)
+    randomise_lora(model)
+    adapted = model(ids)
+    lorakit.merge(model)
+    assert (model(ids) - adapted).abs().max().item() <= 1e-5
+    lorakit.unload(model)
+    assert type(model.shared) is nn.Embedding and not list(lora_layers(model))
+    torch.testing.assert_close(model(ids), base, atol=1e-5, rtol=0)

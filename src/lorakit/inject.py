@@ -38,13 +38,23 @@ def format_counts(trainable: int, total: int) -> str:
     return f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {share:.4f}"
 
 
-def base_modules(model: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
-    """`named_modules`, without descending into the adapters of LoRA layers."""
+def base_modules(
+    model: nn.Module, prefix: str = "", memo: set[int] | None = None
+) -> Iterator[tuple[str, nn.Module]]:
+    """`named_modules`, without descending into the adapters of LoRA layers.
+
+    Like `named_modules`, a module registered at several paths (T5's shared embedding) is
+    yielded once, at its first path, so it is adapted, merged and unloaded once.
+    """
+    memo = set() if memo is None else memo
+    if id(model) in memo:
+        return
+    memo.add(id(model))
     yield prefix, model
     for name, child in model.named_children():
         if isinstance(model, LoraLayer) and child is model.lora:
             continue
-        yield from base_modules(child, f"{prefix}.{name}" if prefix else name)
+        yield from base_modules(child, f"{prefix}.{name}" if prefix else name, memo)
 
 
 def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLayer]]:
