@@ -485,3 +485,14 @@ def test_module_shared_between_paths_is_adapted_once():
     lorakit.unload(model)
     assert type(model.shared) is nn.Embedding and not list(lora_layers(model))
     torch.testing.assert_close(model(ids), base, atol=1e-5, rtol=0)
+
+
+def test_print_trainable_parameters(capsys):
+    model = tiny_mlp()
+    lorakit.inject(model, LoraConfig(rank=2, targets=["fc1"]))
+    lorakit.print_trainable_parameters(model)
+    trainable, total = 2 * (8 + 16), 8 * 16 + 16 + 16 * 16 + 16 + 16 * 4 + 4 + 2 * (8 + 16)
+    assert capsys.readouterr().out.strip() == (
+        f"trainable params: {trainable:,} || all params: {total:,} || "
+        f"trainable%: {100 * trainable / total:.4f}"
+    )
