@@ -186,3 +186,28 @@ def test_layer_merge_refuses_overflow():
     with pytest.raises(MergeError, match="would write NaN or inf into a base weight"):
         layer.merge()
     assert torch.equal(layer.weight, before) and layer.lora_merged == ()
+
+
+def test_merge_and_unload_every_layer_type(layer_case):
+    """Per layer type: merge_and_unload keeps the adapted outputs in a plain base layer."""
+    model = nn.Sequential(layer_case.make())
+    x = layer_case.make_input()
+    lorakit.inject(model, LoraConfig(targets=["0"]))
+    randomise_lora(model)
+    adapted = model(x)
+    lorakit.merge_and_unload(model)
+    assert type(model[0]) is layer_case.base_type
+    assert_no_lora_left(model)
+    assert (model(x) - adapted).abs().max().item() <= 1e-5
+
+
+def test_unload_every_layer_type(layer_case):
+    model = nn.Sequential(layer_case.make())
+    x = layer_case.make_input()
+    base = model(x)
+    lorakit.inject(model, LoraConfig(targets=["0"]))
+    randomise_lora(model)
+    lorakit.unload(model)
+    assert type(model[0]) is layer_case.base_type
+    assert_no_lora_left(model)
+    assert torch.equal(model(x), base)
