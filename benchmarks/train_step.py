@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import platform
 import sys
 import time
@@ -127,13 +128,22 @@ def memory_section(w: Workload, variants: list[tuple[str, float]]) -> dict:
     return out
 
 
+def _load() -> str:
+    return " ".join(f"{x:.1f}" for x in os.getloadavg())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="3 rounds, smaller sweeps")
     parser.add_argument("--reps", type=int, default=None, help="timed rounds (default 7, quick 3)")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch threads (default: torch's)"
+    )
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)
     parser.add_argument("--workload", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.memory_child:
         w = Workload(**json.loads(args.workload))
         print(json.dumps(memory_child(args.memory_child, w)))
@@ -143,7 +153,7 @@ def main() -> None:
     started = time.perf_counter()
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
-        f"{platform.processor() or platform.machine()}"
+        f"{platform.processor() or platform.machine()}, load average {_load()} at start"
     )
     print(f"workload: {w.label()}; median of {reps} interleaved rounds\n")
 
@@ -211,6 +221,7 @@ def main() -> None:
         )
     print(table(rows), "\n")
 
+    print(f"load average {_load()} at the end (other processes share these cores)")
     result = {
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
@@ -220,6 +231,7 @@ def main() -> None:
         "infer_seconds": infer,
         "memory_mib": memory,
         "sweeps": sweeps,
+        "load_average_end": os.getloadavg(),
         "wall_seconds": time.perf_counter() - started,
     }
     RESULTS.mkdir(exist_ok=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lorakit.functional import dropout_mask, fused_lora_linear
+from lorakit.functional import dropout_keep, dropout_mask, fused_lora_linear
 
 IN, OUT = 12, 10
 RTOL = 1e-5
@@ -114,6 +114,13 @@ def test_dropout_mask_statistics(p):
     again = dropout_mask((400, 500), p, seed=7, device=torch.device("cpu"), dtype=torch.float32)
     other = dropout_mask((400, 500), p, seed=8, device=torch.device("cpu"), dtype=torch.float32)
     assert torch.equal(mask, again) and not torch.equal(mask, other)
+
+
+def test_dropout_keep_mask_is_exactly_shaped_and_seeded():
+    keep = dropout_keep((3, 5, 7), 0.25, seed=2, device=torch.device("cpu"))
+    assert keep.dtype == torch.bool and keep.shape == (3, 5, 7)
+    assert torch.equal(keep, dropout_keep((3, 5, 7), 0.25, seed=2, device=torch.device("cpu")))
+    assert dropout_keep((1000,), 0.0, seed=2, device=torch.device("cpu")).all()
 
 
 def test_dropout_mask_leaves_the_global_rng_alone():
