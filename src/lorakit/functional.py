@@ -186,8 +186,9 @@ def fused_lora_linear(
     x: (..., in); weight: (out, in), or (in, out) with `transposed` (GPT-2's Conv1D);
     bias: (out,) or None; lora_A[a]: (r_a, in); lora_B[a]: (out, r_a); returns (..., out).
     dropout[a] is adapter a's dropout probability (default 0, resolution 2**-16); masks come
-    from `seed + a` (`dropout_keep`) in forward and again in backward: never stored. Computes in x's dtype (adapter factors
-    are cast to it: a tiny copy, never one of x); under autocast, in autocast's dtype.
+    from `seed + a` (`dropout_keep`) in forward and again in backward: never stored.
+    Computes in x's dtype (adapter factors are cast to it: a tiny copy, never one of x);
+    under autocast, in autocast's dtype.
     Gradients flow to x, A, B, and to weight and bias only when they require grad.
     """
     if dropout is None:
