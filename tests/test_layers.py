@@ -251,7 +251,13 @@ def test_lora_module_rejects_bad_options(kwargs, message):
         (nn.Conv2d(4, 4, 3, groups=2), "cannot adapt Conv2d with groups=2"),
         (nn.Conv1d(4, 4, 3, groups=4), "cannot adapt Conv1d with groups=4"),
         (nn.ReLU(), "cannot adapt a layer of type ReLU"),
+        (nn.ConvTranspose2d(3, 4, 3), "cannot adapt a layer of type ConvTranspose2d"),
+        (nn.ConvTranspose1d(3, 4, 3), "cannot adapt a layer of type ConvTranspose1d"),
+        (nn.Bilinear(3, 3, 3), "cannot adapt a layer of type Bilinear"),
+        (nn.LazyLinear(4), "cannot adapt an uninitialised lazy layer LazyLinear"),
+        (nn.LazyConv2d(4, 3), "cannot adapt an uninitialised lazy layer LazyConv2d"),
     ],
+    ids=lambda v: type(v).__name__ if isinstance(v, nn.Module) else "",
 )
 def test_lora_class_rejects_unsupported(layer, message):
     with pytest.raises(UnsupportedLayerError, match=message):

@@ -21,10 +21,10 @@ LORA_CLASSES: dict[type[nn.Module], type[LoraLayer]] = {
     nn.Conv3d: LoRAConv3d,
 }
 # Base family -> mixin, for subclasses of a supported type.
-_MIXINS: list[tuple[type[nn.Module], type[LoraLayer]]] = [
+_MIXINS: list[tuple[type[nn.Module] | tuple[type[nn.Module], ...], type[LoraLayer]]] = [
     (nn.Linear, LinearLora),
     (nn.Embedding, EmbeddingLora),
-    (nn.modules.conv._ConvNd, ConvLora),
+    ((nn.Conv1d, nn.Conv2d, nn.Conv3d), ConvLora),  # not _ConvNd: transposed convs differ
 ]
 
 try:  # GPT-2's Conv1D, when transformers is installed
@@ -47,6 +47,10 @@ def lora_class(module: nn.Module) -> type[LoraLayer]:
     cls = type(module)
     if isinstance(module, LoraLayer):
         return cls
+    if isinstance(module, nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params():
+        raise UnsupportedLayerError(
+            f"cannot adapt an uninitialised lazy layer {cls.__name__}: run one forward pass first"
+        )
     if cls in LORA_CLASSES:
         found = LORA_CLASSES[cls]
     else:
