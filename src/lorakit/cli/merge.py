@@ -16,7 +16,7 @@ from pathlib import Path
 
 from torch import nn
 
-from ..checkpoint import load_adapter
+from ..checkpoint import load_adapter, read_adapter
 from ..errors import CheckpointError
 from ..inject import lora_layers
 from ..merge import merge_and_unload
@@ -66,6 +66,7 @@ def merge_folder(
     """
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise CheckpointError(f"--out {out} exists and is not empty; pick a new folder")
+    read_adapter(adapter, adapter_name, allow_pickle=allow_pickle)  # fail fast, before the model
     model = load_base(base)
     load_adapter(model, adapter, adapter_name, allow_pickle=allow_pickle)
     layers = len(list(lora_layers(model)))
