@@ -67,16 +67,26 @@ def dropout_keep(shape: tuple[int, ...], p: float, seed: int, device: torch.devi
 
     Four entries per 64-bit random word (16 bits each), drawn from a private generator
     seeded with `seed`, so the global RNG stream is not consumed; about 4x cheaper than
-    `bernoulli_`, which draws one word per entry. The fused op calls it in forward and
-    again in backward with the same seed, instead of storing the mask.
+    `bernoulli_`, which draws one word per entry. The fused op draws the same bits in forward
+    and again in backward (as the complement, `_dropped`), instead of storing the mask.
     """
+    return ~_dropped(shape, p, seed, device)
+
+
+def _dropped(shape: tuple[int, ...], p: float, seed: int, device: torch.device) -> Tensor:
+    """The complement of `dropout_keep`: True where the entry is dropped."""
     gen = torch.Generator(device=device)
     gen.manual_seed(seed)
     n = math.prod(shape)
     words = torch.empty((n + 3) // 4, dtype=torch.int64, device=device)
     words.random_(-(2**63), 2**63 - 1, generator=gen)
     threshold, _ = _keep_threshold(p)
-    return words.view(torch.int16)[:n].view(shape) >= threshold
+    return words.view(torch.int16)[:n].view(shape) < threshold
+
+
+def _drop(x: Tensor, dropped: Tensor) -> Tensor:
+    """x with the dropped entries zeroed (unscaled); `where` with a 0-d zero is the fast kernel."""
+    return torch.where(dropped, x.new_zeros(()), x)
 
 
 def dropout_mask(
@@ -106,7 +116,7 @@ def _fused_forward(
     hts = []
     for i, (s, p) in enumerate(zip(scales, dropout)):
         A, B = factors[2 * i], factors[2 * i + 1]
-        xa = x if p == 0 else x * dropout_keep(x.shape, p, seed + i, x.device)
+        xa = x if p == 0 else _drop(x, _dropped(x.shape, p, seed + i, x.device))
         ht = (A @ xa.t()).mul_(s * _dropout_scale(p))  # (r, N); s folded in: grad_B = (h^T g)^T
         if y is None:
             y = ht.t() @ B.t() if bias is None else torch.addmm(bias, ht.t(), B.t())
@@ -146,10 +156,10 @@ class _FusedLoraLinear(torch.autograd.Function):
             A, B, ht = factors[2 * i], factors[2 * i + 1], hts[i]
             need_a, need_bb = need[7 + 2 * i], need[8 + 2 * i]
             ut = (B.t() @ g.t()).mul_(s * _dropout_scale(p))  # (r, N) = s' (g B)^T
-            keep = None if p == 0 else dropout_keep(x.shape, p, ctx.seed + i, x.device)
+            dropped = None if p == 0 else _dropped(x.shape, p, ctx.seed + i, x.device)
             if need_x:
-                if keep is not None:
-                    term = (ut.t() @ A).mul_(keep)
+                if dropped is not None:
+                    term = (ut.t() @ A).masked_fill_(dropped, 0.0)
                     grad_x = term if grad_x is None else grad_x.add_(term)
                 elif grad_x is None:
                     grad_x = ut.t() @ A
@@ -157,7 +167,7 @@ class _FusedLoraLinear(torch.autograd.Function):
                     grad_x.addmm_(ut.t(), A)
             grad_a = None
             if need_a:
-                grad_a = ut @ (x if keep is None else x * keep)  # (r, in)
+                grad_a = ut @ (x if dropped is None else _drop(x, dropped))  # (r, in)
             grad_factors += [grad_a, (ht @ g).t() if need_bb else None]  # (out, r)
         if need_x:
             w = weight.t() if ctx.transposed else weight  # (out, in)
