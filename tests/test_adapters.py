@@ -35,11 +35,27 @@ def head_input(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return captured[0]
 
 
-def test_names_in_order_and_both_active_after_inject():
+def test_inject_makes_the_new_adapter_the_one_active_and_trainable():
     model = two_adapters()
     assert lorakit.adapter_names(model) == ("a", "b")
-    assert lorakit.active_adapters(model) == ("a", "b")
-    assert model.head.lora_active == ("a", "b") and model.fc2.lora_active == ("a",)
+    assert lorakit.active_adapters(model) == ("b",)
+    assert model.head.lora_active == ("b",) and model.fc2.lora_active == ()
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"head.lora.b.lora_A", "head.lora.b.lora_B"}
+
+
+def test_set_active_moves_training_to_the_active_adapters():
+    model = two_adapters()
+    lorakit.set_active(model, ["a"])
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {f"{m}.lora.a.lora_{f}" for m in ("fc2", "head") for f in "AB"}
+
+
+def test_second_inject_keeps_the_first_configs_modules_to_save_training():
+    model = tiny_mlp()
+    lorakit.inject(model, LoraConfig(targets=["fc2"], modules_to_save=["head"]), "a")
+    lorakit.inject(model, LoraConfig(targets=["fc2"]), "b")
+    assert model.head.weight.requires_grad and not model.fc1.weight.requires_grad
 
 
 def test_set_active_two_names_adds_both_deltas():
@@ -77,17 +93,17 @@ def test_set_active_unknown_name_raises():
     message = r"unknown adapter\(s\) \['zzz'\]; the model has \['a', 'b'\]"
     with pytest.raises(AdapterError, match=message):
         lorakit.set_active(model, ["a", "zzz"])
-    assert lorakit.active_adapters(model) == ("a", "b")
+    assert lorakit.active_adapters(model) == ("b",)  # unchanged
 
 
 def test_set_active_while_merged_raises():
     model = two_adapters()
     lorakit.merge(model)
-    with pytest.raises(AdapterError, match=r"while \['a'\] are merged .*lorakit\.unmerge\(model\)"):
-        lorakit.set_active(model, "b")
+    with pytest.raises(AdapterError, match=r"while \['b'\] are merged .*lorakit\.unmerge\(model\)"):
+        lorakit.set_active(model, "a")
     lorakit.unmerge(model)
-    lorakit.set_active(model, "b")
-    assert lorakit.active_adapters(model) == ("b",)
+    lorakit.set_active(model, "a")
+    assert lorakit.active_adapters(model) == ("a",)
 
 
 def test_active_adapters_when_adapters_sit_on_different_layers():
@@ -95,6 +111,7 @@ def test_active_adapters_when_adapters_sit_on_different_layers():
     model = tiny_mlp()
     lorakit.inject(model, LoraConfig(targets=["fc2"]), "a")
     lorakit.inject(model, LoraConfig(targets=["fc1"]), "b")  # fc1 comes first in the model
+    lorakit.set_active(model, ["a", "b"])
     assert lorakit.active_adapters(model) == ("a", "b")
     lorakit.set_active(model, "a")
     assert lorakit.active_adapters(model) == ("a",)

@@ -8,9 +8,9 @@ from conftest import randomise_lora, tiny_gpt2, tiny_llama
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+import lorakit
 import lorakit.layers.linear as linear_module
 from lorakit import LoraConfig, LoraLayer, inject
-from lorakit.inject import lora_layers
 
 RTOL = 1e-5
 
@@ -54,6 +54,7 @@ def _adapted(kind: str, bias: bool, n_adapters: int, bias_mode: str, dropout=0.0
             rank=4 + i, alpha=8.0 + i, bias=bias_mode, dropout=dropout, targets=("0",)
         )
         inject(model, config, adapter_name=f"a{i}")
+    lorakit.set_active(model, [f"a{i}" for i in range(n_adapters)])
     randomise_lora(model)
     return model[0]
 
@@ -151,8 +152,7 @@ def test_models_train_the_same_on_both_paths(make):
     model = make()
     inject(model, LoraConfig(rank=4, bias="lora_only"))
     inject(model, LoraConfig(rank=2, targets=("c_attn", "q_proj", "v_proj")), adapter_name="b")
-    for _, layer in lora_layers(model):
-        layer.lora_active = tuple(layer.lora)
+    lorakit.set_active(model, ["default", "b"])
     randomise_lora(model)
     ids = torch.randint(0, 100, (2, 7), generator=torch.Generator().manual_seed(0))
     params = [p for p in model.parameters() if p.requires_grad]

@@ -256,6 +256,7 @@ def test_lora_module_rejects_bad_options(kwargs, message):
         (nn.Bilinear(3, 3, 3), "cannot adapt a layer of type Bilinear"),
         (nn.LazyLinear(4), "cannot adapt an uninitialised lazy layer LazyLinear"),
         (nn.LazyConv2d(4, 3), "cannot adapt an uninitialised lazy layer LazyConv2d"),
+        (nn.Embedding(10, 4, max_norm=1.0), "cannot adapt Embedding with max_norm=1.0"),
     ],
     ids=lambda v: type(v).__name__ if isinstance(v, nn.Module) else "",
 )

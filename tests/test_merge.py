@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import ModelCase, randomise_lora, tiny_llama
+from conftest import ModelCase, randomise_lora, tiny_gpt2, tiny_llama
 from torch import nn
 
 import lorakit
@@ -211,3 +211,20 @@ def test_unload_every_layer_type(layer_case):
     assert type(model[0]) is layer_case.base_type
     assert_no_lora_left(model)
     assert torch.equal(model(x), base)
+
+
+def test_merge_refuses_a_tied_weight_and_changes_nothing():
+    model = tiny_gpt2()  # wte is tied to lm_head
+    lorakit.inject(model, LoraConfig(targets=["wte"]))
+    randomise_lora(model)
+    before = model.transformer.wte.weight.clone()
+    with pytest.raises(MergeError, match=r"'transformer.wte' is tied to \['lm_head'\]"):
+        lorakit.merge(model)
+    assert torch.equal(model.transformer.wte.weight, before)
+
+
+def test_merge_inside_disabled_is_refused():
+    model = tiny_llama()
+    lorakit.inject(model, LoraConfig(targets=["q_proj"]))
+    with lorakit.disabled(model), pytest.raises(lorakit.AdapterError, match="disabled"):
+        lorakit.merge(model)

@@ -37,6 +37,7 @@ def _model(make: Callable[[], nn.Module], adapters: dict[str, tuple]) -> nn.Modu
     for i, (name, (rank, targets)) in enumerate(adapters.items()):
         config = lorakit.LoraConfig(rank=rank, alpha=2.0 * (i + 1), targets=targets)
         lorakit.inject(model, config, adapter_name=name)
+    lorakit.set_active(model, list(adapters))  # all trainable, as routed training needs
     randomise_lora(model, std=0.2)
     return model.eval()
 

@@ -7,7 +7,7 @@ from collections.abc import Iterable
 from torch import nn
 
 from .errors import AdapterError
-from .inject import CONFIGS_ATTR, adapter_configs, lora_layers
+from .inject import CONFIGS_ATTR, adapter_configs, freeze_base, lora_layers
 
 
 def adapter_names(model: nn.Module) -> tuple[str, ...]:
@@ -35,7 +35,9 @@ def _check_known(model: nn.Module, names: Iterable[str]) -> tuple[str, ...]:
 
 
 def set_active(model: nn.Module, names: str | Iterable[str]) -> None:
-    """Make `names` (one name or several; several add up) the active adapters.
+    """Make `names` (one name or several; several add up) the active, trainable adapters.
+
+    Inactive adapters stay on the model with requires_grad False; the base stays frozen.
 
     Raises:
         AdapterError: a name is unknown, or adapters are merged (unmerge first).
@@ -49,6 +51,7 @@ def set_active(model: nn.Module, names: str | Iterable[str]) -> None:
             )
     for _, layer in lora_layers(model):
         layer.lora_active = tuple(n for n in names if n in layer.lora)
+    freeze_base(model)
 
 
 def delete_adapter(model: nn.Module, name: str) -> None:

@@ -143,8 +143,9 @@ def inject(
     """Adapt every layer of `model` that `config.targets` matches, in place, and freeze the rest.
 
     Each matched layer becomes y = base(x) + s * B(A(drop(x))) with a fresh (no-op) adapter
-    named `adapter_name`; base parameters stop training, adapter parameters (plus biases per
-    `config.bias` and `config.modules_to_save`) train. Works on meta-device models.
+    named `adapter_name`, which becomes the one active adapter (earlier ones stay on the model,
+    inactive, until `set_active`). Base parameters stop training; the active adapter (plus
+    biases per `config.bias` and `config.modules_to_save`) trains. Works on meta-device models.
 
     Raises:
         AdapterError: `adapter_name` is not an identifier or is already on the model.
@@ -160,30 +161,35 @@ def inject(
         layer = lora_class(module).adapt(module) if not isinstance(module, LoraLayer) else module
         layer.add_adapter(adapter_name, config.for_module(name))
     configs[adapter_name] = config
-    saved = freeze_base(model, config)
+    for _, layer in lora_layers(model):
+        layer.lora_active = (adapter_name,) if adapter_name in layer.lora else ()
+    saved = freeze_base(model)
     trainable, total = trainable_parameters(model)
     return InjectionReport(adapter_name, tuple(n for n, _ in targets), saved, trainable, total)
 
 
-def freeze_base(model: nn.Module, config: LoraConfig) -> tuple[str, ...]:
-    """Only adapters, `modules_to_save` and biases per `config.bias` keep requires_grad.
+def freeze_base(model: nn.Module) -> tuple[str, ...]:
+    """Only active adapters, `modules_to_save` and biases per `bias` keep requires_grad.
 
-    Returns the paths of the modules saved in full.
+    `modules_to_save` and `bias` are the union over the model's adapter configs (those
+    modules are trained in place, shared by every adapter). Returns the paths saved in full.
     """
+    configs = adapter_configs(model).values()
+    bias_modes = {c.bias for c in configs}
     for p in model.parameters():
         p.requires_grad_(False)
     for _, layer in lora_layers(model):
-        layer.lora.requires_grad_(True)
+        for name, adapter in layer.lora.items():
+            adapter.requires_grad_(name in layer.lora_active)
         bias = getattr(layer, "bias", None)  # an Embedding has none
-        if config.bias == "lora_only" and isinstance(bias, nn.Parameter):
+        if "lora_only" in bias_modes and isinstance(bias, nn.Parameter):
             bias.requires_grad_(True)
-    if config.bias == "all":
+    if "all" in bias_modes:
         for _, module in base_modules(model):
             if isinstance(getattr(module, "bias", None), nn.Parameter):
                 module.bias.requires_grad_(True)
-    saved = tuple(
-        n for n, _ in base_modules(model) if n and matches_suffix(n, config.modules_to_save)
-    )
+    to_save = tuple(name for c in configs for name in c.modules_to_save)
+    saved = tuple(n for n, _ in base_modules(model) if n and matches_suffix(n, to_save))
     for name in saved:
         model.get_submodule(name).requires_grad_(True)
     return saved

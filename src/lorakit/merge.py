@@ -12,7 +12,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from .errors import MergeError
+from .errors import AdapterError, MergeError
 from .inject import CONFIGS_ATTR, lora_layers
 
 
@@ -20,9 +20,14 @@ def merge(model: nn.Module) -> nn.Module:
     """Fold the active adapters into the base weights, in place; merging twice is a no-op.
 
     Raises:
-        MergeError: an adapter holds NaN or inf (checked on every layer before any write).
+        MergeError: an adapter holds NaN or inf (checked on every layer before any write), or
+            an adapted weight is tied to another module, which merging would change too.
+        AdapterError: called inside `disabled(model)`.
     """
     layers = list(lora_layers(model))
+    if any(layer.lora_disabled for _, layer in layers):
+        raise AdapterError("cannot merge inside lorakit.disabled(model); merge after the block")
+    _check_untied(model)
     for name, layer in layers:
         for adapter_name in layer.lora_active:
             for p in layer.lora[adapter_name].parameters():
@@ -34,6 +39,22 @@ def merge(model: nn.Module) -> nn.Module:
     for _, layer in layers:
         layer.merge()
     return model
+
+
+def _check_untied(model: nn.Module) -> None:
+    """Refuse to merge into a weight that another module also uses (e.g. a tied lm_head)."""
+    users: dict[int, list[tuple[str, nn.Module]]] = {}
+    for name, module in model.named_modules():
+        weight = module._parameters.get("weight")
+        if weight is not None:
+            users.setdefault(id(weight), []).append((name, module))
+    for name, layer in lora_layers(model):
+        shared = [n for n, m in users.get(id(layer.weight), []) if m is not layer]
+        if layer.lora_active and shared:
+            raise MergeError(
+                f"the weight of {name!r} is tied to {shared}; merging would change those "
+                "modules too. Keep the adapter unmerged, or untie the weights first"
+            )
 
 
 def unmerge(model: nn.Module) -> nn.Module:

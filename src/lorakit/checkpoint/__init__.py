@@ -183,7 +183,7 @@ def load_adapter(
     Reads `path/<adapter_name>` when it holds an adapter, else `path`. Everything is checked
     before the model changes: the file fits the model's layers (missing, unexpected and
     mis-shaped tensors reported together, each by key), the base model is the one the adapter
-    was saved for. Like `inject`, the new adapter becomes active alongside the others.
+    was saved for. Like `inject`, the new adapter becomes the one active (and trainable).
 
     Raises:
         AdapterError: `adapter_name` is not a plain identifier or already on the model.

@@ -60,6 +60,11 @@ def lora_class(module: nn.Module) -> type[LoraLayer]:
         raise UnsupportedLayerError(
             f"cannot adapt a layer of type {cls.__name__}: LoRA supports {supported}"
         )
+    if issubclass(found, EmbeddingLora) and getattr(module, "max_norm", None) is not None:
+        raise UnsupportedLayerError(
+            f"cannot adapt {cls.__name__} with max_norm={module.max_norm}: the base renormalises "
+            "its rows, so the adapted and merged outputs would differ"
+        )
     groups = getattr(module, "groups", 1)
     if issubclass(found, ConvLora) and groups != 1:
         raise UnsupportedLayerError(
