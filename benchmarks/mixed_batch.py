@@ -85,7 +85,9 @@ def rows_for(n: int) -> list[str]:
     return [names[i % len(names)] for i in range(BATCH)]
 
 
-def interleaved(fns: dict[str, Callable[[], None]], reps: int) -> dict[str, list[float]]:
+def interleaved(
+    fns: dict[str, Callable[[], None]], reps: int, clock: Callable[[], float] = time.perf_counter
+) -> dict[str, list[float]]:
     """Seconds per call of each fn; one warm-up round, then rounds in rotated order."""
     names = list(fns)
     for name in names:
@@ -94,9 +96,9 @@ def interleaved(fns: dict[str, Callable[[], None]], reps: int) -> dict[str, list
     for r in range(reps):
         for name in names[r % len(names) :] + names[: r % len(names)]:
             gc.collect()
-            start = time.perf_counter()
+            start = clock()
             fns[name]()
-            times[name].append(time.perf_counter() - start)
+            times[name].append(clock() - start)
     return times
 
 
@@ -105,7 +107,17 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=7)
     parser.add_argument("--adapters", type=int, nargs="+", default=[16, 64, 256])
     parser.add_argument("--no-peft", action="store_true")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    parser.add_argument(
+        "--clock",
+        choices=["wall", "cpu"],
+        default="wall",
+        help="cpu: process CPU time, robust to other load on a shared machine (use --threads 1)",
+    )
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
 
     base = build_base()
     ids = torch.randint(0, 4096, (BATCH, TOKENS), generator=torch.Generator().manual_seed(1))
@@ -135,13 +147,13 @@ def main() -> None:
         pm = peft_model(base, n)
         fns["peft single"] = run(pm)
         fns[f"peft mixed {n}"] = run(pm, adapter_names=rows_for(n))
-    times = interleaved(fns, args.reps)
+    times = interleaved(fns, args.reps, clock)
     med = {k: statistics.median(v) for k, v in times.items()}
 
     print(f"# mixed-adapter batch, {BATCH} x {TOKENS} tokens, rank {RANK} on all linear layers")
     cpu = platform.processor() or platform.machine()
-    print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads, {cpu}, "
-          f"median of {args.reps} interleaved rounds")  # fmt: skip
+    print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads, {cpu}, {args.clock} "
+          f"clock, median of {args.reps} interleaved rounds")  # fmt: skip
     rows = [("variant", "median ms", "x base", "x single")]
     for name, m in med.items():
         single = med["peft single"] if name.startswith("peft") else med["single"]

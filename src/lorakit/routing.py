@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +29,22 @@ from .layers.conv import ConvLora
 __all__ = ["RowRouting", "routing"]
 
 
+class _Stacks(NamedTuple):
+    """One layer's routed factors: index 0 is the zero adapter, i + 1 its i-th adapter.
+
+    a: (n+1, r*in) flat A (for an embedding: the (n+1)*vocab x r lookup table); b: (n+1,
+    out*r) flat B; ranks zero-padded to the largest, r. Flat rows make `index_select` copy
+    long contiguous runs (gathering (r, in) blocks with r = 8 is several times slower).
+    """
+
+    rows: Tensor  # (batch,) this layer's stack index of each row
+    scale: Tensor  # (batch, 1, 1) s of each row's adapter
+    keep: Tensor  # (batch, 1, 1) 1 - dropout p of each row's adapter
+    a: Tensor
+    b: Tensor
+    rank: int
+
+
 class RowRouting:
     """Which adapter each row uses, and the per-layer stacks built from it.
 
@@ -39,16 +56,15 @@ class RowRouting:
     def __init__(self, names: tuple[str, ...], rows: Tensor) -> None:
         self.names = names
         self.rows = rows
-        # Per layer: (rows on the layer's device, A stack, B stack); kept while grad is off,
-        # so repeated forward calls in one context (e.g. generation) stack only once.
-        self._cache: dict[int, tuple[Tensor, Tensor, Tensor, Tensor]] = {}
+        # Per layer, kept while grad is off (no graph attached), so repeated forward calls
+        # in one context (e.g. generation) stack only once.
+        self._cache: dict[int, _Stacks] = {}
 
     def __repr__(self) -> str:
         return f"RowRouting(names={self.names}, rows={self.rows.tolist()})"
 
-    def _stacks(self, layer: LoraLayer) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
-        """(rows, A (n+1, r, in), B (n+1, out, r), dropout p (n+1,)) for this layer, or
-        None when no routed adapter sits on it."""
+    def _stacks(self, layer: LoraLayer) -> _Stacks | None:
+        """This layer's stacks, or None when no routed adapter sits on it."""
         key = id(layer)
         if key in self._cache:
             return self._cache[key]
@@ -57,21 +73,27 @@ class RowRouting:
             return None
         adapters = [layer.lora[n] for n in here]
         rank = max(a.rank for a in adapters)
-        A0 = adapters[0].lora_A
-        # Zero rows / columns pad every rank to the largest: they add exact zeros.
+        # Zero rows of A / columns of B pad every rank to the largest: they add exact zeros.
         a_list = [_pad(a.lora_A.flatten(1), 0, rank) for a in adapters]
-        b_list = [_pad(a.lora_B.reshape(a.out_features, a.rank) * a.scaling, 1, rank)
-                  for a in adapters]  # fmt: skip
-        a_stack = torch.stack([torch.zeros_like(a_list[0]), *a_list])
-        b_stack = torch.stack([torch.zeros_like(b_list[0]), *b_list])
+        b_list = [_pad(a.lora_B.reshape(a.out_features, a.rank), 1, rank) for a in adapters]
+        a_stack = torch.stack([torch.zeros_like(a_list[0]), *a_list])  # (n+1, r, in)
+        b_stack = torch.stack([torch.zeros_like(b_list[0]), *b_list])  # (n+1, out, r)
+        if layer.is_embedding:  # row i * vocab + id of the table is column id of A_i
+            a_stack = a_stack.transpose(1, 2).reshape(-1, rank)
+        device, dtype = a_stack.device, a_stack.dtype
         # this layer's stack index of each routed name (0 when the name is not on this layer)
         position = {n: i + 1 for i, n in enumerate(here)}
         remap = torch.tensor([0] + [position.get(n, 0) for n in self.names])
-        rows = remap[self.rows].to(A0.device)
-        p = torch.tensor([0.0] + [_dropout_p(a) for a in adapters], device=A0.device)
-        stacks = (rows, a_stack, b_stack, p)
+        rows = remap[self.rows].to(device)
+        per_adapter = torch.tensor(
+            [[0.0, 1.0]] + [[ad.scaling, 1.0 - _dropout_p(ad)] for ad in adapters],
+            dtype=dtype, device=device,
+        )[rows].view(-1, 2, 1, 1)  # fmt: skip
+        stacks = _Stacks(
+            rows, per_adapter[:, 0], per_adapter[:, 1], a_stack.flatten(1), b_stack.flatten(1), rank
+        )
         if not torch.is_grad_enabled():
-            self._cache[key] = stacks  # no graph attached: safe to reuse
+            self._cache[key] = stacks
         return stacks
 
     def add_delta(self, layer: LoraLayer, x: Tensor, y: Tensor) -> Tensor:
@@ -82,16 +104,17 @@ class RowRouting:
                 f"routing has {batch} rows but a layer got input of shape {tuple(x.shape)}; "
                 "the batch must be dim 0 of every adapted layer's input"
             )
-        stacks = self._stacks(layer)
-        if stacks is None:
+        st = self._stacks(layer)
+        if st is None:
             return y
-        rows, a_stack, b_stack, p = stacks
         if layer.is_embedding:
-            h = _embedding_h(x, rows, a_stack)
+            h = _embedding_h(x, st)
         else:
-            h = _linear_h(x.to(a_stack.dtype), rows, a_stack, p, layer.training)
-        bt = b_stack[rows].transpose(1, 2)  # (batch, r, out)
-        y3 = y.reshape(batch, -1, y.shape[-1])
+            h = _linear_h(x.to(st.a.dtype), st, layer.training)
+        h = h * st.scale  # (batch, T, r), each row scaled by its adapter's s
+        out = y.shape[-1]
+        bt = torch.index_select(st.b, 0, st.rows).view(batch, out, st.rank).transpose(1, 2)
+        y3 = y.reshape(batch, -1, out)
         if y.dtype == h.dtype and y3.data_ptr() == y.data_ptr() and not _needs_graph(y, h, bt):
             y3.baddbmm_(h, bt)  # in place: no second (batch, T, out) tensor
             return y
@@ -108,22 +131,22 @@ def _needs_graph(*tensors: Tensor) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
-def _linear_h(x: Tensor, rows: Tensor, a_stack: Tensor, p: Tensor, training: bool) -> Tensor:
+def _linear_h(x: Tensor, st: _Stacks, training: bool) -> Tensor:
     """A_{a_i} drop(x_i) for every row: (batch, T, r), with x (batch, ..., in)."""
-    batch = rows.shape[0]
+    batch = st.rows.shape[0]
     x3 = x.reshape(batch, -1, x.shape[-1])
-    if training and bool((p > 0).any()):
-        keep = (1 - p[rows]).view(batch, 1, 1)  # each row with its own adapter's dropout
-        x3 = x3 * (torch.rand_like(x3) < keep) / keep
-    return torch.bmm(x3, a_stack[rows].transpose(1, 2))
+    if training and bool((st.keep < 1).any()):
+        x3 = x3 * (torch.rand_like(x3) < st.keep) / st.keep  # each row its adapter's dropout
+    a = torch.index_select(st.a, 0, st.rows).view(batch, st.rank, x3.shape[-1])
+    return torch.bmm(x3, a.transpose(1, 2))
 
 
-def _embedding_h(ids: Tensor, rows: Tensor, a_stack: Tensor) -> Tensor:
+def _embedding_h(ids: Tensor, st: _Stacks) -> Tensor:
     """A_{a_i}^T[ids_i] for every row: (batch, T, r); one lookup in all tables side by side."""
-    batch = rows.shape[0]
-    n, rank, vocab = a_stack.shape
-    table = a_stack.transpose(1, 2).reshape(n * vocab, rank)  # row a * vocab + id
-    flat = ids.reshape(batch, -1) + rows.view(batch, 1) * vocab
+    batch = st.rows.shape[0]
+    vocab = st.a.shape[0] // (st.b.shape[0])
+    table = st.a.view(-1, st.rank)  # ((n+1) * vocab, r)
+    flat = ids.reshape(batch, -1) + st.rows.view(batch, 1) * vocab
     return F.embedding(flat, table)
 
 
