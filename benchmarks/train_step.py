@@ -27,6 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
+    TARGETS,
     Workload,
     build_base,
     infer_step,
@@ -41,11 +42,12 @@ from common import (  # noqa: E402
 )
 
 import lorakit  # noqa: E402
+from lorakit.routing import routing  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def train_section(w: Workload, reps: int) -> dict:
+def train_section(w: Workload, reps: int, clock: str) -> dict[str, list[float]]:
     """floor, full, lorakit, PEFT, and both with dropout 0.1, interleaved in one run."""
     base = build_base(w)
     ids = input_ids(w)
@@ -61,7 +63,7 @@ def train_section(w: Workload, reps: int) -> dict:
     for m in models.values():
         m.train()
     fns = {n: _train_fn(m, ids, n == "floor") for n, m in models.items()}
-    return {n: median(t) for n, t in interleaved(fns, reps).items()}
+    return interleaved(fns, reps, clock=clock)
 
 
 def _train_fn(model, ids, floor):
@@ -78,8 +80,16 @@ def _infer_fn(model, ids):
     return run
 
 
-def infer_section(w: Workload, reps: int) -> dict:
-    """base, lorakit unmerged, lorakit merged, PEFT unmerged: no_grad forward, eval mode."""
+def _mixed_fn(model, ids, rows):
+    def run() -> None:
+        with routing(model, rows):
+            infer_step(model, ids)
+
+    return run
+
+
+def infer_section(w: Workload, reps: int, clock: str) -> dict[str, list[float]]:
+    """base, lorakit unmerged / merged / mixed batch, PEFT unmerged: no_grad forward, eval mode."""
     base = build_base(w)
     ids = input_ids(w)
     models = {
@@ -93,7 +103,17 @@ def infer_section(w: Workload, reps: int) -> dict:
         _randomise(m)
     lorakit.merge(models["lorakit merged"])
     fns = {n: _infer_fn(m, ids) for n, m in models.items()}
-    return {n: median(t) for n, t in interleaved(fns, reps).items()}
+    # Mixed batch: 4 adapters, each row its own (2 rows each), one forward (lorakit.routing).
+    mixed = make_variant("lorakit", base, w)
+    names = ("default", "b", "c", "d")
+    for name in names[1:]:
+        config = lorakit.LoraConfig(rank=w.rank, alpha=2.0 * w.rank, targets=TARGETS)
+        lorakit.inject(mixed, config, adapter_name=name)
+    mixed.eval()
+    _randomise(mixed)
+    rows = [names[i % len(names)] for i in range(w.batch)]
+    fns["lorakit mixed batch, 4 adapters"] = _mixed_fn(mixed, ids, rows)
+    return interleaved(fns, reps, clock=clock)
 
 
 def _randomise(model) -> None:
@@ -104,7 +124,7 @@ def _randomise(model) -> None:
                 p.normal_(0, 0.01)
 
 
-def sweep_section(workloads: list[Workload], reps: int) -> list[dict]:
+def sweep_section(workloads: list[Workload], reps: int, clock: str) -> list[dict]:
     """floor, lorakit, PEFT train steps for each workload (one interleaved run each)."""
     out = []
     for w in workloads:
@@ -112,8 +132,9 @@ def sweep_section(workloads: list[Workload], reps: int) -> list[dict]:
         ids = input_ids(w)
         models = {n: make_variant(n, base, w) for n in ("floor", "lorakit", "peft")}
         fns = {n: _train_fn(m, ids, n == "floor") for n, m in models.items()}
-        times = {n: median(t) for n, t in interleaved(fns, reps).items()}
-        out.append({"workload": dataclasses.asdict(w), "seconds": times})
+        raw = interleaved(fns, reps, clock=clock)
+        times = {n: median(t) for n, t in raw.items()}
+        out.append({"workload": dataclasses.asdict(w), "seconds": times, "raw_seconds": raw})
         print(f"  {w.label()}: " + ", ".join(f"{n} {t * 1e3:.0f} ms" for n, t in times.items()))
         del models, fns
     return out
@@ -135,9 +156,16 @@ def _load() -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="3 rounds, smaller sweeps")
-    parser.add_argument("--reps", type=int, default=None, help="timed rounds (default 7, quick 3)")
+    parser.add_argument("--reps", type=int, default=None, help="timed rounds (default 5, quick 3)")
     parser.add_argument(
         "--threads", type=int, default=None, help="torch threads (default: torch's)"
+    )
+    parser.add_argument(
+        "--clock",
+        choices=("wall", "cpu"),
+        default="wall",
+        help="wall: elapsed time; cpu: this process's CPU time (use with --threads 1 on a shared "
+        "machine: it counts only this process's work)",
     )
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)
     parser.add_argument("--workload", help=argparse.SUPPRESS)
@@ -148,16 +176,17 @@ def main() -> None:
         w = Workload(**json.loads(args.workload))
         print(json.dumps(memory_child(args.memory_child, w)))
         return
-    reps = args.reps or (3 if args.quick else 7)
+    reps = args.reps or (3 if args.quick else 5)
     w = Workload()
     started = time.perf_counter()
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
         f"{platform.processor() or platform.machine()}, load average {_load()} at start"
     )
-    print(f"workload: {w.label()}; median of {reps} interleaved rounds\n")
+    print(f"workload: {w.label()}; median of {reps} interleaved rounds, {args.clock} clock\n")
 
-    train = train_section(w, reps)
+    train_raw = train_section(w, reps, args.clock)
+    train = {n: median(t) for n, t in train_raw.items()}
     floor, peft_t = train["floor"], train["peft"]
     rows = [("train step", "ms", "/ floor", "/ PEFT (same dropout)")]
     for name, t in train.items():
@@ -165,7 +194,8 @@ def main() -> None:
         rows.append((name, f"{t * 1e3:.0f}", f"{t / floor:.3f}", f"{t / ref:.3f}"))
     print(table(rows), "\n")
 
-    infer = infer_section(w, reps)
+    infer_raw = infer_section(w, reps, args.clock)
+    infer = {n: median(t) for n, t in infer_raw.items()}
     rows = [("inference (no_grad forward)", "ms", "/ base")]
     rows += [(n, f"{t * 1e3:.0f}", f"{t / infer['base']:.3f}") for n, t in infer.items()]
     print(table(rows), "\n")
@@ -207,7 +237,7 @@ def main() -> None:
         dataclasses.replace(w, hidden=h, intermediate=i, heads=nh, layers=nl, batch=b, tokens=t)
         for h, i, nh, nl, b, t in hiddens
     ]
-    sweeps = sweep_section(workloads, max(5, reps - 2) if not args.quick else reps)
+    sweeps = sweep_section(workloads, reps, args.clock)
     rows = [("sweep", "lorakit / floor", "PEFT / floor", "lorakit / PEFT")]
     for s in sweeps:
         wl, t = Workload(**s["workload"]), s["seconds"]
@@ -227,8 +257,11 @@ def main() -> None:
         "threads": torch.get_num_threads(),
         "reps": reps,
         "workload": dataclasses.asdict(w),
+        "clock": args.clock,
         "train_seconds": train,
+        "train_raw_seconds": train_raw,
         "infer_seconds": infer,
+        "infer_raw_seconds": infer_raw,
         "memory_mib": memory,
         "sweeps": sweeps,
         "load_average_end": os.getloadavg(),
