@@ -1,0 +1,130 @@
+"""`lorakit finetune`: a thin shell over `lorakit.train.finetune`.
+
+With no arguments it runs the embedded demo: LoRA on MiniLM-L6 for sentiment of the VADER
+lexicon's words. Under `torchrun -m lorakit finetune ...` it trains with DDP (or FSDP).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from ..config import LoraConfig
+from ..train.options import PROGRESS, SCHEDULES, TASKS, TrainOptions
+
+
+def _names(value: str) -> tuple[str, ...] | str:
+    """"all-linear" stays a string; "query,value" becomes a tuple of names."""
+    if value == "all-linear":
+        return value
+    return tuple(v.strip() for v in value.split(",") if v.strip())
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    d = TrainOptions()
+    lora = LoraConfig()
+    p = subparsers.add_parser(
+        "finetune",
+        help="finetune a local Hugging Face model with LoRA (no arguments: the built-in demo)",
+        description=__doc__,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    g = p.add_argument_group("model and data")
+    g.add_argument("--model", help="local model folder (default: the demo's MiniLM-L6)")
+    g.add_argument("--data", help="training data, .jsonl/.json/.csv (default: demo data)")
+    g.add_argument("--eval-file", help="held-out data (default: split off --eval-fraction)")
+    g.add_argument("--eval-fraction", type=float, default=d.eval_fraction)
+    g.add_argument("--task", choices=TASKS, help="default: from the model config's architectures")
+    g.add_argument("--max-length", type=int, default=d.max_length, help="tokens per example")
+    g.add_argument("--out", default=d.out, help="output folder")
+
+    g = p.add_argument_group("LoRA (see lorakit.LoraConfig)")
+    g.add_argument("--rank", type=int, default=lora.rank)
+    g.add_argument("--alpha", type=float, default=lora.alpha)
+    g.add_argument("--dropout", type=float, default=lora.dropout)
+    g.add_argument(
+        "--targets", type=_names, default="all-linear", help='"all-linear" or names: query,value'
+    )
+    g.add_argument("--targets-regex", help="one regex over full module paths (instead)")
+    g.add_argument("--exclude", type=_names, default=(), help="names never adapted")
+    g.add_argument(
+        "--modules-to-save", type=_names, default=(), help="trained in full (default: the head)"
+    )
+    g.add_argument("--use-rslora", action="store_true")
+    g.add_argument("--bias", choices=("none", "all", "lora_only"), default=lora.bias)
+    g.add_argument("--init", choices=("kaiming", "gaussian", "zeros"), default=lora.init)
+
+    g = p.add_argument_group("training")
+    g.add_argument("--epochs", type=int, default=d.epochs)
+    g.add_argument("--max-steps", type=int, default=d.max_steps, help="> 0 overrides --epochs")
+    g.add_argument("--batch-size", type=int, default=d.batch_size, help="per process")
+    g.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size)
+    g.add_argument("--grad-accum", type=int, default=d.grad_accum)
+    g.add_argument("--lr", type=float, default=d.lr)
+    g.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    g.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
+    g.add_argument("--schedule", choices=SCHEDULES, default=d.schedule)
+    g.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm, help="0: no clipping")
+    g.add_argument("--seed", type=int, default=d.seed)
+    g.add_argument("--eval-every", type=int, default=d.eval_every, help="steps; 0: off")
+    g.add_argument("--log-every", type=int, default=d.log_every, help="steps; 0: off")
+    g.add_argument("--save-every", type=int, default=d.save_every, help="steps; 0: end only")
+    g.add_argument("--keep-checkpoints", type=int, default=d.keep_checkpoints)
+    g.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
+    g.add_argument("--fsdp", action="store_true", help="shard the base with FSDP2 (torchrun)")
+    g.add_argument("--threads", type=int, default=d.threads, help="torch threads; 0: default")
+    g.add_argument("--progress", choices=PROGRESS, default=d.progress)
+    # Test hook: every rank saves its trainable tensors to DIR/rank<r>.pt.
+    g.add_argument("--debug-dump-params", help=argparse.SUPPRESS)
+    p.set_defaults(func=run)
+
+
+def options_from_args(args: argparse.Namespace) -> tuple[TrainOptions, LoraConfig]:
+    """The TrainOptions and LoraConfig that parsed arguments describe (validated)."""
+    options = TrainOptions(
+        model=args.model,
+        data=args.data,
+        eval_file=args.eval_file,
+        eval_fraction=args.eval_fraction,
+        task=args.task,
+        out=args.out,
+        max_length=args.max_length,
+        epochs=args.epochs,
+        max_steps=args.max_steps,
+        batch_size=args.batch_size,
+        eval_batch_size=args.eval_batch_size,
+        grad_accum=args.grad_accum,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        warmup_steps=args.warmup_steps,
+        schedule=args.schedule,
+        max_grad_norm=args.max_grad_norm,
+        seed=args.seed,
+        eval_every=args.eval_every,
+        log_every=args.log_every,
+        save_every=args.save_every,
+        keep_checkpoints=args.keep_checkpoints,
+        resume=args.resume,
+        fsdp=args.fsdp,
+        threads=args.threads,
+        progress=args.progress,
+    )
+    lora = LoraConfig(
+        rank=args.rank,
+        alpha=args.alpha,
+        dropout=args.dropout,
+        targets=args.targets_regex or args.targets,
+        exclude=args.exclude,
+        use_rslora=args.use_rslora,
+        bias=args.bias,
+        modules_to_save=args.modules_to_save,
+        init=args.init,
+    )
+    return options, lora
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..train.finetune import finetune
+
+    options, lora = options_from_args(args)
+    finetune(options, lora, dump_params=args.debug_dump_params)
+    return 0

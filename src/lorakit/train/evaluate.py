@@ -1,0 +1,87 @@
+"""Evaluation: accuracy and loss for seq-cls, loss and perplexity for causal-lm.
+
+Each rank evaluates an equal-length shard (the last one padded with weight-0 rows, so that
+FSDP ranks run the same number of forwards) and the sums are all-reduced.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import Dataset
+
+from .data import IGNORE_INDEX
+from .distributed import DistEnv, all_sum
+from .options import Task
+
+METRIC = {"seq-cls": "accuracy", "causal-lm": "perplexity"}
+
+
+def shard(n: int, env: DistEnv) -> tuple[list[int], int]:
+    """This rank's indices of 0..n-1 (padded to ceil(n / world)) and how many are real."""
+    per = math.ceil(n / env.world_size)
+    own = list(range(env.rank * per, min(n, (env.rank + 1) * per)))
+    return own + [0] * (per - len(own)), len(own)
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    data: Dataset,
+    task: Task,
+    collate_fn: Callable[[Sequence[Any]], dict[str, torch.Tensor]],
+    env: DistEnv,
+    batch_size: int = 128,
+) -> dict[str, float]:
+    """{"loss", "accuracy"} (seq-cls) or {"loss", "perplexity"} (causal-lm) over `data`.
+
+    Loss is the mean over examples (seq-cls) or over completion tokens (causal-lm).
+    """
+    was_training = model.training
+    model.eval()
+    indices, real = shard(len(data), env)
+    loss_sum = correct = count = 0.0
+    for start in range(0, len(indices), batch_size):
+        rows = indices[start : start + batch_size]
+        batch = {k: v.to(env.device) for k, v in collate_fn([data[i] for i in rows]).items()}
+        labels = batch.pop("labels")
+        keep = torch.arange(start, start + len(rows), device=env.device) < real
+        logits = model(**batch).logits.float()
+        if task == "seq-cls":
+            losses = F.cross_entropy(logits, labels, reduction="none")
+            loss_sum += losses[keep].sum().item()
+            correct += (logits.argmax(-1) == labels)[keep].sum().item()
+            count += keep.sum().item()
+        else:
+            labels = labels.masked_fill(~keep[:, None], IGNORE_INDEX)
+            # token t predicts token t + 1
+            shifted, targets = logits[:, :-1], labels[:, 1:]
+            loss_sum += F.cross_entropy(
+                shifted.reshape(-1, shifted.shape[-1]),
+                targets.reshape(-1),
+                ignore_index=IGNORE_INDEX,
+                reduction="sum",
+            ).item()
+            count += (targets != IGNORE_INDEX).sum().item()
+    loss_sum, correct, count = all_sum(env, [loss_sum, correct, count])
+    model.train(was_training)
+    loss = loss_sum / max(count, 1.0)
+    if task == "seq-cls":
+        return {"loss": loss, "accuracy": correct / max(count, 1.0)}
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+
+
+def majority_accuracy(train_labels: Sequence[int], eval_labels: Sequence[int]) -> float:
+    """Accuracy of always predicting the most frequent training label (the floor to beat)."""
+    if not eval_labels:
+        return 0.0
+    counts: dict[int, int] = {}
+    for y in train_labels:
+        counts[y] = counts.get(y, 0) + 1
+    top = max(counts, key=lambda y: (counts[y], -y))
+    return sum(1 for y in eval_labels if y == top) / len(eval_labels)
