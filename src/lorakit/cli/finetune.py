@@ -52,6 +52,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--use-rslora", action="store_true")
     g.add_argument("--bias", choices=("none", "all", "lora_only"), default=lora.bias)
     g.add_argument("--init", choices=("kaiming", "gaussian", "zeros"), default=lora.init)
+    g.add_argument(
+        "--dtype",
+        choices=("float32", "float64", "bfloat16", "float16", "base"),
+        default="float32",
+        help='adapter dtype; "base" follows the base layer',
+    )
 
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=int, default=d.epochs)
@@ -118,6 +124,7 @@ def options_from_args(args: argparse.Namespace) -> tuple[TrainOptions, LoraConfi
         bias=args.bias,
         modules_to_save=args.modules_to_save,
         init=args.init,
+        dtype=None if args.dtype == "base" else args.dtype,
     )
     return options, lora
 

@@ -43,11 +43,12 @@ HEAD_NAMES = ("classifier", "score")
 
 @dataclass
 class FinetuneResult:
-    """A finished `finetune`: where the adapter is, what was trained, and how well."""
+    """A finished `finetune`: the adapter's folder, the trained model, and how well it did."""
 
     out: Path
     adapter: Path
     task: Task
+    model: nn.Module
     report: InjectionReport
     train: TrainResult
     baseline: float | None
@@ -160,7 +161,16 @@ def _finetune(
     )
     print(summary, flush=True)
     return FinetuneResult(
-        out, adapter, task, report, result, baseline, len(train_data), len(eval_data), summary
+        out=out,
+        adapter=adapter,
+        task=task,
+        model=model,
+        report=report,
+        train=result,
+        baseline=baseline,
+        n_train=len(train_data),
+        n_eval=len(eval_data),
+        summary=summary,
     )
 
 

@@ -1,0 +1,167 @@
+"""The training loop and `lorakit.train.finetune` on tiny real transformers models."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from tiny_hf import completion_records, sentiment_records, tiny_model, write_jsonl
+
+import lorakit
+from lorakit.errors import ConfigError
+from lorakit.train import TrainingError, TrainOptions, WarmupDecay, finetune
+from lorakit.train.report import read_metrics
+from lorakit.train.state import latest_checkpoint
+
+
+@pytest.fixture(scope="module")
+def bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_model(tmp_path_factory.mktemp("models") / "bert")
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_model(tmp_path_factory.mktemp("models") / "llama", "llama-causal")
+
+
+def _options(tmp_path: Path, model: Path, data: Path, **kw) -> TrainOptions:
+    base = dict(
+        model=str(model),
+        data=str(data),
+        out=str(tmp_path / "out"),
+        batch_size=8,
+        epochs=1,
+        lr=1e-2,
+        warmup_steps=2,
+        eval_every=0,
+        log_every=1,
+        save_every=0,
+        threads=1,
+        progress="none",
+    )
+    return TrainOptions(**{**base, **kw})
+
+
+def _adapter_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_seq_cls_writes_adapter_metrics_plot_and_summary(tmp_path: Path, bert_dir: Path) -> None:
+    data = write_jsonl(tmp_path / "train.jsonl", sentiment_records(80))
+    result = finetune(_options(tmp_path, bert_dir, data, eval_every=3))
+    out = tmp_path / "out"
+    assert result.task == "seq-cls"  # from architectures: BertForSequenceClassification
+    assert (out / "adapter" / "adapter_config.json").is_file()
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    assert (out / "training.png").stat().st_size > 0
+    records = read_metrics(out / "metrics.jsonl")
+    steps = [r["step"] for r in records if "loss" in r]
+    assert steps == list(range(1, result.train.steps + 1))
+    evals = [r["step"] for r in records if "eval" in r]
+    assert evals == [0, 3, 6, result.train.steps]
+    assert all(math.isfinite(r["loss"]) for r in records if "loss" in r)
+    run = json.loads((out / "run.json").read_text())
+    assert run["labels"] == {"neg": 0, "pos": 1}
+    for row in ("trainable params", "eval accuracy", "majority baseline", "tokens/s"):
+        assert row in result.summary
+    assert result.report.modules_to_save == ("classifier",)  # the head trains in full
+    assert 0 < result.report.trainable < result.report.total
+
+
+def test_saved_adapter_reloads_to_the_trained_model(tmp_path: Path, bert_dir: Path) -> None:
+    from transformers import AutoModelForSequenceClassification
+
+    data = write_jsonl(tmp_path / "train.jsonl", sentiment_records(48))
+    result = finetune(_options(tmp_path, bert_dir, data))
+    ids = torch.randint(1000, 2000, (3, 7))
+    trained = result.model.eval()(input_ids=ids).logits
+    fresh = AutoModelForSequenceClassification.from_pretrained(bert_dir, num_labels=2)
+    lorakit.load_adapter(fresh, result.adapter)
+    torch.testing.assert_close(fresh.eval()(input_ids=ids).logits, trained)
+
+
+def test_causal_lm_learns_the_completion(tmp_path: Path, llama_dir: Path) -> None:
+    data = write_jsonl(tmp_path / "train.jsonl", completion_records(96))
+    result = finetune(_options(tmp_path, llama_dir, data, epochs=3))
+    assert result.task == "causal-lm"  # from architectures: LlamaForCausalLM
+    before, after = result.train.eval_before, result.train.eval_after
+    assert set(after) == {"loss", "perplexity"}
+    assert after["loss"] < before["loss"]
+    assert after["perplexity"] == pytest.approx(math.exp(after["loss"]))
+    assert result.baseline is None
+
+
+def test_gradient_accumulation_equals_the_bigger_batch(tmp_path: Path) -> None:
+    # float64 throughout: in float32, Adam turns rounding differences of gradients that
+    # cancel to ~0 into visible update differences (lr * dg / eps).
+    model = tiny_model(tmp_path / "bert64", dtype=torch.float64)
+    data = write_jsonl(tmp_path / "train.jsonl", sentiment_records(64))
+    lora = lorakit.LoraConfig(dtype=None)
+    one = finetune(_options(tmp_path / "a", model, data, batch_size=16, max_steps=3), lora)
+    two = finetune(
+        _options(tmp_path / "b", model, data, batch_size=8, grad_accum=2, max_steps=3), lora
+    )
+    a, b = _adapter_tensors(one.model), _adapter_tensors(two.model)
+    assert a.keys() == b.keys()
+    for name in a:
+        assert a[name].dtype == torch.float64
+        torch.testing.assert_close(a[name], b[name], atol=1e-9, rtol=0, msg=name)
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path: Path, bert_dir: Path) -> None:
+    data = write_jsonl(tmp_path / "train.jsonl", sentiment_records(64))
+    # lr 1e30: Adam moves every weight by ~lr on step 1, so step 2's loss is not finite.
+    options = _options(tmp_path, bert_dir, data, lr=1e30, warmup_steps=0, save_every=1)
+    with pytest.raises(TrainingError, match=r"loss became nan .* at step 2; .*checkpoint"):
+        finetune(options)
+    last = latest_checkpoint(tmp_path / "out")
+    assert last is not None and last.name == "step-00000001"
+    state = torch.load(last / "state.pt", weights_only=False)
+    assert all(torch.isfinite(t).all() for t in state["model"].values())
+    assert not (tmp_path / "out" / "adapter").exists()  # no final adapter from a diverged run
+    events = [r for r in read_metrics(tmp_path / "out" / "metrics.jsonl") if "event" in r]
+    assert events == [{"step": 2, "event": "diverged", "loss": events[0]["loss"]}]
+
+
+def test_checkpoints_are_pruned_to_keep(tmp_path: Path, bert_dir: Path) -> None:
+    data = write_jsonl(tmp_path / "train.jsonl", sentiment_records(64))
+    result = finetune(_options(tmp_path, bert_dir, data, save_every=2, keep_checkpoints=2))
+    assert result.train.steps == 8  # 58 train examples (64 minus 6 held out) in batches of 8
+    names = sorted(p.name for p in (tmp_path / "out" / "checkpoints").iterdir())
+    assert names == ["step-00000006", "step-00000008"]  # every 2 steps and at the end
+
+
+@pytest.mark.parametrize(
+    ("schedule", "expected"),
+    [
+        ("linear", [0.5, 1.0, 1.0, 0.75, 0.5, 0.25]),
+        ("constant", [0.5, 1.0, 1.0, 1.0, 1.0, 1.0]),
+        ("cosine", [0.5, 1.0, 1.0, 0.5 * (1 + math.cos(math.pi / 4)), 0.5, None]),
+    ],
+)
+def test_warmup_then_decay(schedule: str, expected: list[float | None]) -> None:
+    factor = WarmupDecay(warmup=2, total=6, schedule=schedule)
+    for step, want in enumerate(expected):
+        if want is not None:
+            assert factor(step) == pytest.approx(want), step
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"task": "translation"}, r"task must be one of .*'translation'"),
+        ({"batch_size": 0}, r"batch_size must be a positive integer, got 0"),
+        ({"lr": 0.0}, r"lr must be positive, got 0.0"),
+        ({"lr": float("nan")}, r"lr must be a number"),
+        ({"eval_fraction": 1.0}, r"eval_fraction must be in \(0, 1\), got 1.0"),
+        ({"schedule": "step"}, r"schedule must be one of .*'step'"),
+        ({"save_every": -1}, r"save_every must be a non-negative integer, got -1"),
+        ({"keep_checkpoints": 0}, r"keep_checkpoints must be at least 1"),
+    ],
+)
+def test_bad_options_name_the_option(kwargs: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        TrainOptions(**kwargs)
