@@ -141,6 +141,7 @@ def train(
         position, state = load_checkpoint(
             resume_from, env, base, optimizer, scheduler, fsdp=options.fsdp
         )
+        scheduler.lr_lambdas = [schedule]  # this run's schedule (e.g. a larger --max-steps)
         eval_before, elapsed, tokens = state["eval_before"], state["elapsed"], state["tokens"]
     else:
         if env.is_main:
