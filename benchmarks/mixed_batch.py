@@ -12,7 +12,8 @@ call of a routed variant enters a fresh `routing` context, so stacking the facto
 Variants, interleaved round by round (medians; ratios of medians):
   base      the plain model, no adapters
   single    lorakit, all 64 rows through one adapter (the same model, one adapter active)
-  mixed N   lorakit, `with lorakit.routing(model, rows): model(ids)`
+  mixed N   lorakit, `with lorakit.routing(model, rows): model(ids)`; with reuse_stacks=True
+            the stacked factors of all N adapters are kept between batches
   peft *    PEFT 0.21 with the same adapters: one adapter, and `model(ids, adapter_names=rows)`
 """
 
@@ -132,9 +133,9 @@ def main() -> None:
 
         return call
 
-    def routed(model: nn.Module, rows: list[str]) -> Callable[[], None]:
+    def routed(model: nn.Module, rows: list[str], reuse: bool = False) -> Callable[[], None]:
         def call() -> None:
-            with torch.no_grad(), lorakit.routing(model, rows):
+            with torch.no_grad(), lorakit.routing(model, rows, reuse_stacks=reuse):
                 model(input_ids=ids)
 
         return call
@@ -142,6 +143,7 @@ def main() -> None:
     fns = {"base": run(base), "single": run(lk)}
     for n, model in models.items():
         fns[f"mixed {n}"] = routed(model, rows_for(n))
+        fns[f"mixed {n}, reuse_stacks"] = routed(model, rows_for(n), reuse=True)
     if not args.no_peft:
         n = args.adapters[0]
         pm = peft_model(base, n)

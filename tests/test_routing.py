@@ -176,3 +176,23 @@ def test_conv_layers_are_refused_clearly() -> None:
     with pytest.raises(UnsupportedLayerError, match=r"'0' is a LoRAConv2d"):
         with lorakit.routing(model, ["default"]):
             pass
+
+
+def test_reused_stacks_follow_changes_to_the_adapters() -> None:
+    from lorakit.routing import _REUSED, clear_cache
+
+    model = _model(tiny_llama, MODELS[0][2])
+    ids = _tokens(len(ROWS))
+    with torch.no_grad():
+        want = _alone(model, ids, ROWS)
+        for _ in range(2):  # built once, then reused
+            with lorakit.routing(model, ROWS, reuse_stacks=True):
+                torch.testing.assert_close(model(ids).logits, want, rtol=0, atol=ATOL)
+        assert len(_REUSED) > 0
+        layer = model.model.layers[0].self_attn.q_proj
+        layer.lora["b"].lora_B.mul_(3.0)  # an in-place change bumps the version: rebuilt
+        want = _alone(model, ids, ROWS)
+        with lorakit.routing(model, ROWS, reuse_stacks=True):
+            torch.testing.assert_close(model(ids).logits, want, rtol=0, atol=ATOL)
+    clear_cache(model)
+    assert not any(layer in _REUSED for _, layer in lorakit.lora_layers(model))

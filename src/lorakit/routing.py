@@ -12,6 +12,7 @@ base output) — no Python loop over rows or adapters.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import NamedTuple
@@ -26,7 +27,7 @@ from .inject import lora_layers
 from .layers.base import LoraLayer
 from .layers.conv import ConvLora
 
-__all__ = ["RowRouting", "routing"]
+__all__ = ["RowRouting", "clear_cache", "routing"]
 
 
 class _Stacks(NamedTuple):
@@ -45,17 +46,84 @@ class _Stacks(NamedTuple):
     rank: int
 
 
+class _Factors(NamedTuple):
+    """A layer's factors of some adapters, stacked: `index` maps a name to its position."""
+
+    index: dict[str, int]
+    a: Tensor  # (n+1, r*in), or for an embedding the ((n+1)*vocab, r) table
+    b: Tensor  # (n+1, out*r)
+    per_adapter: Tensor  # (n+1, 2): scale s and keep probability 1 - p of each adapter
+    rank: int
+    signature: tuple
+
+
+def _signature(layer: LoraLayer, names: tuple[str, ...]) -> tuple:
+    """What the stacks depend on: each factor's storage, version, dtype, device; s; p."""
+    parts: list[object] = [names]
+    for n in names:
+        ad = layer.lora[n]
+        for p in (ad.lora_A, ad.lora_B):
+            parts.append((p.data_ptr(), p._version, p.dtype, p.device, tuple(p.shape)))
+        parts.append((ad.scaling, _dropout_p(ad)))
+    return tuple(parts)
+
+
+def _stack(layer: LoraLayer, names: tuple[str, ...], signature: tuple = ()) -> _Factors:
+    """Stack the factors of `names` (all on `layer`); index 0 is the zero adapter."""
+    adapters = [layer.lora[n] for n in names]
+    rank = max(a.rank for a in adapters)
+    # Zero rows of A / columns of B pad every rank to the largest: they add exact zeros.
+    a_list = [_pad(a.lora_A.flatten(1), 0, rank) for a in adapters]
+    b_list = [_pad(a.lora_B.reshape(a.out_features, a.rank), 1, rank) for a in adapters]
+    a_stack = torch.stack([torch.zeros_like(a_list[0]), *a_list])  # (n+1, r, in)
+    b_stack = torch.stack([torch.zeros_like(b_list[0]), *b_list])  # (n+1, out, r)
+    if layer.is_embedding:  # row i * vocab + id of the table is column id of A_i
+        a_stack = a_stack.transpose(1, 2).reshape(-1, rank)
+    per_adapter = torch.tensor(
+        [[0.0, 1.0]] + [[ad.scaling, 1.0 - _dropout_p(ad)] for ad in adapters],
+        dtype=a_stack.dtype, device=a_stack.device,
+    )  # fmt: skip
+    index = {n: i + 1 for i, n in enumerate(names)}
+    return _Factors(index, a_stack.flatten(1), b_stack.flatten(1), per_adapter, rank, signature)
+
+
+# Stacks of every adapter of a layer, kept between contexts with `reuse_stacks=True`; weak
+# keys, so they go with the layer.
+_REUSED: weakref.WeakKeyDictionary[LoraLayer, _Factors] = weakref.WeakKeyDictionary()
+
+
+def _reused(layer: LoraLayer) -> _Factors:
+    names = tuple(layer.lora)
+    signature = _signature(layer, names)
+    factors = _REUSED.get(layer)
+    if factors is None or factors.signature != signature:
+        with torch.no_grad():
+            factors = _REUSED[layer] = _stack(layer, names, signature)
+    return factors
+
+
+def clear_cache(model: nn.Module | None = None) -> None:
+    """Free the stacks `routing(..., reuse_stacks=True)` keeps (of `model`, or all)."""
+    if model is None:
+        _REUSED.clear()
+        return
+    for _, layer in lora_layers(model):
+        _REUSED.pop(layer, None)
+
+
 class RowRouting:
     """Which adapter each row uses, and the per-layer stacks built from it.
 
     Attributes:
         names: the adapters that some row uses, in first-use order.
         rows: (batch,) long; 0 for "no adapter", i + 1 for names[i].
+        reuse: keep stacks of all adapters between contexts (see `routing`).
     """
 
-    def __init__(self, names: tuple[str, ...], rows: Tensor) -> None:
+    def __init__(self, names: tuple[str, ...], rows: Tensor, reuse: bool = False) -> None:
         self.names = names
         self.rows = rows
+        self.reuse = reuse
         # Per layer, kept while grad is off (no graph attached), so repeated forward calls
         # in one context (e.g. generation) stack only once.
         self._cache: dict[int, _Stacks] = {}
@@ -68,31 +136,17 @@ class RowRouting:
         key = id(layer)
         if key in self._cache:
             return self._cache[key]
-        here = [n for n in self.names if n in layer.lora]
+        here = tuple(n for n in self.names if n in layer.lora)
         if not here:
             return None
-        adapters = [layer.lora[n] for n in here]
-        rank = max(a.rank for a in adapters)
-        # Zero rows of A / columns of B pad every rank to the largest: they add exact zeros.
-        a_list = [_pad(a.lora_A.flatten(1), 0, rank) for a in adapters]
-        b_list = [_pad(a.lora_B.reshape(a.out_features, a.rank), 1, rank) for a in adapters]
-        a_stack = torch.stack([torch.zeros_like(a_list[0]), *a_list])  # (n+1, r, in)
-        b_stack = torch.stack([torch.zeros_like(b_list[0]), *b_list])  # (n+1, out, r)
-        if layer.is_embedding:  # row i * vocab + id of the table is column id of A_i
-            a_stack = a_stack.transpose(1, 2).reshape(-1, rank)
-        device, dtype = a_stack.device, a_stack.dtype
+        grad = torch.is_grad_enabled()
+        factors = _reused(layer) if self.reuse and not grad else _stack(layer, here)
         # this layer's stack index of each routed name (0 when the name is not on this layer)
-        position = {n: i + 1 for i, n in enumerate(here)}
-        remap = torch.tensor([0] + [position.get(n, 0) for n in self.names])
-        rows = remap[self.rows].to(device)
-        per_adapter = torch.tensor(
-            [[0.0, 1.0]] + [[ad.scaling, 1.0 - _dropout_p(ad)] for ad in adapters],
-            dtype=dtype, device=device,
-        )[rows].view(-1, 2, 1, 1)  # fmt: skip
-        stacks = _Stacks(
-            rows, per_adapter[:, 0], per_adapter[:, 1], a_stack.flatten(1), b_stack.flatten(1), rank
-        )
-        if not torch.is_grad_enabled():
+        remap = torch.tensor([0] + [factors.index.get(n, 0) for n in self.names])
+        rows = remap[self.rows].to(factors.a.device)
+        per_row = factors.per_adapter[rows].view(-1, 2, 1, 1)
+        stacks = _Stacks(rows, per_row[:, 0], per_row[:, 1], factors.a, factors.b, factors.rank)
+        if not grad:
             self._cache[key] = stacks
         return stacks
 
@@ -156,13 +210,21 @@ def _dropout_p(adapter: nn.Module) -> float:
 
 
 @contextmanager
-def routing(model: nn.Module, adapters_per_row: Sequence[str | None]) -> Iterator[nn.Module]:
+def routing(
+    model: nn.Module, adapters_per_row: Sequence[str | None], *, reuse_stacks: bool = False
+) -> Iterator[nn.Module]:
     """Within the block, row i of every batch uses adapter `adapters_per_row[i]` (None: base).
 
     The batch is dim 0 of each adapted layer's input, as in transformers models ((B, T, d)
     hidden states, (B, T) token ids). Active adapters are ignored meanwhile; outputs equal
     running each row alone with only its adapter active. Works for Linear, GPT-2 Conv1D and
     Embedding layers, with any mix of ranks.
+
+    reuse_stacks: under `torch.no_grad()`, keep each layer's stacked factors of *all* its
+        adapters between contexts (one extra copy of the adapters' memory; `clear_cache`
+        frees it), so a new batch only gathers. Stacks are rebuilt when a factor changes
+        through PyTorch (in-place ops bump its version; new storage, dtype or device) — but
+        not after writes through `.data`, which PyTorch does not track: call `clear_cache`.
 
     Raises:
         AdapterError: an unknown adapter name, merged adapters, an empty list, or a nested
@@ -193,7 +255,9 @@ def routing(model: nn.Module, adapters_per_row: Sequence[str | None]) -> Iterato
                 f"{path!r} is a {type(layer).__name__}"
             )
     index = {n: i + 1 for i, n in enumerate(names)}
-    state = RowRouting(names, torch.tensor([0 if n is None else index[n] for n in rows]))
+    state = RowRouting(
+        names, torch.tensor([0 if n is None else index[n] for n in rows]), reuse_stacks
+    )
     try:
         for _, layer in layers:
             layer.lora_routing = state
