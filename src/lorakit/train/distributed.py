@@ -128,9 +128,14 @@ def wrap_model(model: nn.Module, env: DistEnv, fsdp: bool = False) -> nn.Module:
 
 
 def _blocks(model: nn.Module) -> list[nn.Module]:
-    """The repeated blocks of a transformers model (its `_no_split_modules` classes)."""
+    """The repeated blocks to shard one by one: a transformers model's `_no_split_modules`
+    classes, else the items of every `nn.ModuleList` (the layer stacks)."""
     names = set(getattr(model, "_no_split_modules", None) or ())
-    return [m for m in model.modules() if type(m).__name__ in names and m is not model]
+    found = [m for m in model.modules() if type(m).__name__ in names and m is not model]
+    if found:
+        return found
+    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList)]
+    return [block for blocks in lists for block in blocks if any(True for _ in block.parameters())]
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -22,7 +22,7 @@ from torch import nn
 from torch.utils.data import Dataset, DistributedSampler
 
 from ..errors import LorakitError
-from .distributed import DistEnv, all_sum, barrier, full_params, unwrap, wrap_model
+from .distributed import DistEnv, all_sum, barrier, unwrap, wrap_model
 from .evaluate import evaluate
 from .options import Task, TrainOptions
 from .report import MetricsLog, Progress
@@ -172,19 +172,18 @@ def train(
             "tokens": tokens,
             "task": task,
         }
-        with full_params(wrapped, options.fsdp):
-            return save_checkpoint(
-                out,
-                env,
-                Position(step, epoch, batch),
-                base,
-                optimizer,
-                scheduler,
-                extra,
-                lambda folder: write_adapter(base, folder),
-                keep=options.keep_checkpoints,
-                fsdp=options.fsdp,
-            )
+        return save_checkpoint(
+            out,
+            env,
+            Position(step, epoch, batch),
+            base,
+            optimizer,
+            scheduler,
+            extra,
+            lambda folder: write_adapter(base, folder),
+            keep=options.keep_checkpoints,
+            fsdp=options.fsdp,
+        )
 
     wrapped.train()
     try:

@@ -15,6 +15,7 @@ import os
 import random
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError
-from .distributed import DistEnv, broadcast_object, gather_objects
+from .distributed import DistEnv, broadcast_object, full_params, gather_objects
 
 STATE_FILE = "state.pt"
 _NAME = re.compile(r"step-(\d{8})")
@@ -90,41 +91,44 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
     extra: dict[str, Any],
-    write_adapter: Any,
+    write_adapter: Callable[[Path], Any],
     keep: int = 2,
     fsdp: bool = False,
 ) -> Path:
     """Write checkpoint `step-<position.step>` atomically (rank 0) and prune old ones.
 
-    `model` is the unwrapped model; `write_adapter(folder)` saves the PEFT adapter (rank 0).
-    Collective: every rank must call it.
+    `model` is the unwrapped model; `write_adapter(folder)` saves the PEFT adapter (rank 0,
+    with FSDP parameters all-gathered). Collective: every rank must call it.
     """
-    rngs = gather_objects(env, rng_state())
-    tensors = trainable_state(model, fsdp)
-    optim_state = _optimizer_state(model, optimizer, fsdp)
+    state = {
+        "position": position.__dict__,
+        "rng": gather_objects(env, rng_state()),
+        "model": trainable_state(model, fsdp),
+        "optimizer": _optimizer_state(model, optimizer, fsdp),
+        "scheduler": scheduler.state_dict(),
+        "world_size": env.world_size,
+        **extra,
+    }
     final = checkpoint_dir(out) / f"step-{position.step:08d}"
-    if env.is_main:
-        tmp = final.with_name(f".tmp-{final.name}-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        state = {
-            "position": position.__dict__,
-            "model": tensors,
-            "optimizer": optim_state,
-            "scheduler": scheduler.state_dict(),
-            "rng": rngs,
-            "world_size": env.world_size,
-            **extra,
-        }
-        _save_synced(state, tmp / STATE_FILE)
-        write_adapter(tmp / "adapter")
-        if final.exists():  # a re-run of the same step (e.g. after resume): replace it whole
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync_dir(final.parent)
-        for old in _checkpoints(final.parent)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+    with full_params(model, fsdp):
+        if env.is_main:
+            _write_atomically(final, state, write_adapter)
+            for old in _checkpoints(final.parent)[:-keep]:
+                shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _write_atomically(final: Path, state: dict[str, Any], write_adapter: Callable) -> None:
+    """Fill a temporary sibling folder, then rename it to `final` (atomic on POSIX)."""
+    tmp = final.with_name(f".tmp-{final.name}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    _save_synced(state, tmp / STATE_FILE)
+    write_adapter(tmp / "adapter")
+    if final.exists():  # a re-run of the same step (e.g. after resume): replace it whole
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(final.parent)
 
 
 def load_checkpoint(
