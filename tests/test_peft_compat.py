@@ -194,3 +194,35 @@ def test_merge_matches_peft_merge(tmp_path: Path) -> None:
     merged_peft = copy.deepcopy(peft_model).merge_and_unload().eval()
     merged = lorakit.merge_and_unload(lorakit.from_pretrained(tiny_gpt2(), tmp_path)).eval()
     torch.testing.assert_close(_run(merged), _run(merged_peft), rtol=0, atol=ATOL)
+
+
+class ConvNet(nn.Module):
+    """A Conv2d and a Linear: PEFT's ConvNd layout, A (r, in, k, k) and B (out, r, 1, 1)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 6, 3, padding=1)
+        self.fc = nn.Linear(6 * 5 * 5, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.relu(self.conv(x)).flatten(1))
+
+
+@pytest.mark.parametrize("direction", ["peft->lorakit", "lorakit->peft"])
+def test_conv2d_both_ways(direction: str, tmp_path: Path) -> None:
+    x = torch.randn(2, 3, 5, 5, generator=torch.Generator().manual_seed(1))
+    if direction == "peft->lorakit":
+        source = peft.get_peft_model(ConvNet(), peft.LoraConfig(r=3, target_modules=["conv", "fc"]))
+        _nudge_trainable(source, seed=8)
+        source.save_pretrained(tmp_path)
+        other = lorakit.from_pretrained(ConvNet(), tmp_path)
+    else:
+        source = ConvNet()
+        lorakit.inject(source, lorakit.LoraConfig(rank=3, targets=("conv", "fc")))
+        randomise_lora(source)
+        lorakit.save_adapter(source, tmp_path)
+        other = peft.PeftModel.from_pretrained(ConvNet(), tmp_path)
+    with torch.no_grad():
+        assert not torch.allclose(ConvNet()(x), source(x), atol=1e-3)
+        torch.testing.assert_close(other(x), source(x), rtol=0, atol=ATOL)
