@@ -32,9 +32,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     assert fsdp.returncode == 0, fsdp.stderr[-3000:]
     one = _single(_args(model, data, tmp / "one", PER_RANK_BATCH * WORLD))
     assert one.returncode == 0, one.stderr[-3000:]
-    first = _torchrun(
-        _args(model, data, tmp / "resume", PER_RANK_BATCH, "--fsdp", steps=STEPS - 1)
-    )
+    first = _torchrun(_args(model, data, tmp / "resume", PER_RANK_BATCH, "--fsdp", steps=STEPS - 1))
     assert first.returncode == 0, first.stderr[-3000:]
     again = _torchrun(_args(model, data, tmp / "resume", PER_RANK_BATCH, "--fsdp", "--resume"))
     assert again.returncode == 0, again.stderr[-3000:]

@@ -13,7 +13,7 @@ from ..train.options import PROGRESS, SCHEDULES, TASKS, TrainOptions
 
 
 def _names(value: str) -> tuple[str, ...] | str:
-    """"all-linear" stays a string; "query,value" becomes a tuple of names."""
+    """ "all-linear" stays a string; "query,value" becomes a tuple of names."""
     if value == "all-linear":
         return value
     return tuple(v.strip() for v in value.split(",") if v.strip())

@@ -39,6 +39,7 @@ ADAPTER_DIR = "adapter"
 RUN_FILE = "run.json"
 # Classification heads of transformers models, trained in full next to the adapter.
 HEAD_NAMES = ("classifier", "score")
+DEMO_THREADS = 1  # see TrainOptions.threads
 
 
 @dataclass
@@ -81,8 +82,9 @@ def finetune(
         TrainingError: the loss became NaN or inf.
     """
     options = options or TrainOptions()
-    if options.threads:
-        torch.set_num_threads(options.threads)
+    threads = options.threads or (DEMO_THREADS if options.model is None else 0)
+    if threads:
+        torch.set_num_threads(threads)
     env = setup()
     try:
         return _finetune(options, lora, env, dump_params)
@@ -157,7 +159,7 @@ def _finetune(
     (out / RUN_FILE).write_text(json.dumps(run_info, indent=2, default=str) + "\n")
     plot(out, METRIC[task])
     summary = _summary(
-        options, model_dir, task, report, result, baseline, len(train_data), len(eval_data), env
+        options, task, report, result, baseline, len(train_data), len(eval_data), env
     )
     print(summary, flush=True)
     return FinetuneResult(
@@ -174,9 +176,7 @@ def _finetune(
     )
 
 
-def _resolve_inputs(
-    options: TrainOptions, env: DistEnv
-) -> tuple[Path, Path, Path | None, Task]:
+def _resolve_inputs(options: TrainOptions, env: DistEnv) -> tuple[Path, Path, Path | None, Task]:
     """Model folder, data file(s) and task; the demo's when none are given."""
     from .demo_data import demo_dataset, demo_model_path
 
@@ -219,7 +219,6 @@ def _publish_adapter(checkpoint: Path | None, dest: Path) -> Path:
 
 def _summary(
     options: TrainOptions,
-    model_dir: Path,
     task: Task,
     report: InjectionReport,
     result: TrainResult,
@@ -230,9 +229,10 @@ def _summary(
 ) -> str:
     share = 100.0 * report.trainable / report.total if report.total else 0.0
     batch = options.batch_size * options.grad_accum * env.world_size
+    demo = " (VADER lexicon words, built-in demo)" if options.data is None else ""
     rows: list[tuple[str, Any]] = [
-        ("model", f"{model_dir} ({task})"),
-        ("data", f"{n_train:,} train / {n_eval:,} eval examples"),
+        ("model", f"{options.model or 'all-MiniLM-L6-v2 (built-in demo)'} ({task})"),
+        ("data", f"{n_train:,} train / {n_eval:,} eval examples{demo}"),
         ("adapted layers", f"{len(report.adapted)} (+ {len(report.modules_to_save)} in full)"),
         ("trainable params", f"{report.trainable:,} of {report.total:,} ({share:.2f}%)"),
         ("steps", f"{result.steps} (global batch {batch}, {env.world_size} process(es))"),

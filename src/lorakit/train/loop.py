@@ -203,9 +203,7 @@ def train(
                     bad = bad or not math.isfinite(value)
                     window_loss += value / len(window)
                     step_tokens += int(inputs["attention_mask"].sum())
-                norm = torch.nn.utils.clip_grad_norm_(
-                    params, options.max_grad_norm or float("inf")
-                )
+                norm = torch.nn.utils.clip_grad_norm_(params, options.max_grad_norm or float("inf"))
                 norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
                 # One all-reduce per step: did any rank see NaN/inf, and how many tokens in all.
                 bad_ranks, step_tokens = all_sum(env, [float(bad), float(step_tokens)])
@@ -214,8 +212,10 @@ def train(
                 if bad_ranks > 0 or not math.isfinite(norm):
                     if log:
                         log.write({"step": step + 1, "event": "diverged", "loss": window_loss})
-                    where = f"the last good checkpoint is {last_ckpt}" if last_ckpt else (
-                        "no checkpoint was written yet"
+                    where = (
+                        f"the last good checkpoint is {last_ckpt}"
+                        if last_ckpt
+                        else ("no checkpoint was written yet")
                     )
                     raise TrainingError(
                         f"loss became {window_loss} (grad norm {norm}) at step {step + 1}; "

@@ -59,7 +59,9 @@ class TrainOptions:
         keep_checkpoints: how many recent checkpoints stay on disk.
         resume: continue from the newest checkpoint in `out`.
         fsdp: shard the base with FSDP2 `fully_shard` (needs torchrun).
-        threads: torch intra-op threads (0: torch's default).
+        threads: torch intra-op threads; 0: torch's default, except for the built-in demo,
+            which uses 1 (its batches are 32 words of ~3 tokens: a second thread gains little
+            and, on a machine busy with other work, makes each step several times slower).
 
     Raises:
         ConfigError: an option is invalid; the message names it.
