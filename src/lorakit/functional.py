@@ -156,6 +156,7 @@ class _FusedLoraLinear(torch.autograd.Function):
             A, B, ht = factors[2 * i], factors[2 * i + 1], hts[i]
             need_a, need_bb = need[7 + 2 * i], need[8 + 2 * i]
             ut = (B.t() @ g.t()).mul_(s * _dropout_scale(p))  # (r, N) = s' (g B)^T
+            grad_b_a = (ht @ g).t() if need_bb else None  # (out, r), while g is still in cache
             dropped = None if p == 0 else _dropped(x.shape, p, ctx.seed + i, x.device)
             if need_x:
                 if dropped is not None:
@@ -168,7 +169,7 @@ class _FusedLoraLinear(torch.autograd.Function):
             grad_a = None
             if need_a:
                 grad_a = ut @ (x if dropped is None else _drop(x, dropped))  # (r, in)
-            grad_factors += [grad_a, (ht @ g).t() if need_bb else None]  # (out, r)
+            grad_factors += [grad_a, grad_b_a]
         if need_x:
             w = weight.t() if ctx.transposed else weight  # (out, in)
             grad_x = g @ w if grad_x is None else grad_x.addmm_(g, w)
