@@ -196,3 +196,21 @@ def test_reused_stacks_follow_changes_to_the_adapters() -> None:
             torch.testing.assert_close(model(ids).logits, want, rtol=0, atol=ATOL)
     clear_cache(model)
     assert not any(layer in _REUSED for _, layer in lorakit.lora_layers(model))
+
+
+def test_matches_peft_mixed_batch(tmp_path) -> None:
+    """The same adapters through PEFT's `adapter_names=` path give the same rows."""
+    import peft
+
+    model = _model(tiny_llama, MODELS[0][2])
+    for name in ("a", "b", "c"):
+        lorakit.save_adapter(model, tmp_path, adapter_name=name)
+    peft_model = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path / "a", adapter_name="a")
+    for name in ("b", "c"):
+        peft_model.load_adapter(tmp_path / name, adapter_name=name)
+    peft_model.eval()
+    ids = _tokens(len(ROWS))
+    with torch.no_grad():
+        want = peft_model(ids, adapter_names=[n or "__base__" for n in ROWS]).logits
+        with lorakit.routing(model, ROWS):
+            torch.testing.assert_close(model(ids).logits, want, rtol=0, atol=ATOL)
