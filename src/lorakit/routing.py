@@ -5,9 +5,9 @@ Inside `with routing(model, ["a", None, "b", "a"]):` every adapted layer compute
     y_i = base(x_i) + s_{a_i} * B_{a_i} A_{a_i} x_i          (nothing added where a_i is None)
 
 in tensor ops: per layer, the routed adapters' factors are stacked once (ranks zero-padded
-to the largest, scale folded into B, a zero adapter at index 0 for `None` rows), gathered
-per row by index, and applied with two batched matmuls (`bmm`, then `baddbmm_` into the
-base output) — no Python loop over rows or adapters.
+to the largest, a zero adapter at index 0 for `None` rows), gathered per row by index, and
+applied with two batched matmuls — h = bmm(x, A_rows^T) scaled per row by s, then
+`baddbmm_(h, B_rows^T)` into the base output — no Python loop over rows or adapters.
 """
 
 from __future__ import annotations
