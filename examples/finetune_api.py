@@ -27,6 +27,7 @@ options = TrainOptions(
     batch_size=32,
     lr=1e-3,
     eval_every=0,
+    threads=1,  # batches of ~3-token words: one thread is enough, and robust on a busy machine
 )
 lora = lorakit.LoraConfig(rank=8, alpha=16, targets=["query", "value"], dropout=0.05)
 result = finetune(options, lora)  # prints the summary table; the head is added to modules_to_save

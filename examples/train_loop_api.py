@@ -23,12 +23,13 @@ model = LlamaForCausalLM(
 )  # fmt: skip
 lorakit.inject(model, lorakit.LoraConfig(rank=8, targets="all-linear"))
 
-# Examples are dicts of token lists; labels -100 are ignored (here: learn to copy a pattern).
+# Examples are dicts of token lists; labels -100 are ignored (here: learn to count by 3s).
 g = torch.Generator().manual_seed(0)
-rows = [torch.randint(3, 256, (4,), generator=g).repeat(4).tolist() for _ in range(256)]
+starts = torch.randint(0, 256, (256,), generator=g).tolist()
+rows = [[(s + 3 * i) % 256 for i in range(16)] for s in starts]
 data = [{"input_ids": r, "labels": r} for r in rows]
 
-options = TrainOptions(out="runs/loop", epochs=2, batch_size=16, lr=3e-3, eval_every=0)
+options = TrainOptions(out="runs/loop", epochs=4, batch_size=16, lr=1e-2, eval_every=0, threads=1)
 result = train(
     model, data[:224], data[224:], options, task="causal-lm", collate_fn=Collator(0), env=env
 )

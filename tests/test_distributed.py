@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -75,6 +76,13 @@ def test_ddp_ranks_agree_and_match_one_process(setup: tuple[Path, Path, Path]) -
     assert _max_diff(rank0, single) <= 1e-5  # same global batch, same data order
     # training really moved the adapter (B starts at zero)
     assert max(t.abs().max().item() for k, t in single.items() if k.endswith("lora_B")) > 1e-3
+
+    # sharded evaluation (sums all-reduced) gives the single-process numbers
+    ddp_run = json.loads((tmp / "ddp" / "run.json").read_text())
+    one_run = json.loads((tmp / "one" / "run.json").read_text())
+    assert ddp_run["eval_before"] == pytest.approx(one_run["eval_before"], abs=1e-6)
+    assert ddp_run["eval_after"] == pytest.approx(one_run["eval_after"], abs=1e-6)
+    assert ddp_run["tokens"] == one_run["tokens"]  # all ranks' tokens counted, once
 
     # rank 0 alone wrote files and printed the summary
     assert ddp.stdout.count("trainable params") == 1

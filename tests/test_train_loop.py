@@ -165,3 +165,57 @@ def test_warmup_then_decay(schedule: str, expected: list[float | None]) -> None:
 def test_bad_options_name_the_option(kwargs: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         TrainOptions(**kwargs)
+
+
+def test_causal_eval_loss_is_the_models_own_loss(llama_dir: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from lorakit.train.data import Collator
+    from lorakit.train.distributed import DistEnv
+    from lorakit.train.evaluate import evaluate
+
+    model = AutoModelForCausalLM.from_pretrained(llama_dir).eval()
+    # prompt tokens carry label -100: the loss covers the completion only
+    example = {"input_ids": [5, 6, 7, 8, 9, 10], "labels": [-100, -100, -100, 8, 9, 10]}
+    metrics = evaluate(model, [example], "causal-lm", Collator(0), DistEnv())
+    batch = Collator(0)([example])
+    with torch.no_grad():
+        expected = model(**batch).loss.item()
+    assert metrics["loss"] == pytest.approx(expected, rel=1e-5)
+
+
+class _Terminal:
+    """A stream that says it is a terminal, as sys.stderr does in a shell."""
+
+    def __init__(self) -> None:
+        self.text = ""
+
+    def isatty(self) -> bool:
+        return True
+
+    def write(self, s: str) -> int:
+        self.text += s
+        return len(s)
+
+    def flush(self) -> None:
+        pass
+
+
+def test_progress_is_a_bar_on_a_terminal_and_lines_otherwise() -> None:
+    import io
+
+    from lorakit.train.report import Progress
+
+    pipe = io.StringIO()
+    lines = Progress(total=4, start=0, stream=pipe)
+    assert lines.mode == "lines"
+    lines.update(2, 0.5, 100.0, 1e-3)
+    lines.log_step(2, 0.5, 100.0, 1e-3)
+    assert pipe.getvalue().startswith("step 2/4  loss 0.5000")
+    term = _Terminal()
+    bar = Progress(total=4, start=0, stream=term)
+    assert bar.mode == "bar"
+    bar.update(2, 0.5, 100.0, 1e-3)
+    bar.log_step(2, 0.5, 100.0, 1e-3)  # no log lines under a bar
+    bar.close()
+    assert "2/4" in term.text and "loss=0.5000" in term.text and "step 2/4" not in term.text

@@ -151,6 +151,7 @@ def _finetune(
         "world_size": env.world_size,
         "steps": result.steps,
         "seconds": result.seconds,
+        "train_seconds": result.train_seconds,
         "tokens": result.tokens,
         "eval_before": result.eval_before,
         "eval_after": result.eval_after,
@@ -236,7 +237,7 @@ def _summary(
         ("adapted layers", f"{len(report.adapted)} (+ {len(report.modules_to_save)} in full)"),
         ("trainable params", f"{report.trainable:,} of {report.total:,} ({share:.2f}%)"),
         ("steps", f"{result.steps} (global batch {batch}, {env.world_size} process(es))"),
-        ("time", f"{result.seconds:.1f} s"),
+        ("time", f"{result.seconds:.1f} s ({result.train_seconds:.1f} s in training steps)"),
         ("tokens/s", f"{result.tokens_per_s:,.0f}"),
     ]
     for key in result.eval_after:

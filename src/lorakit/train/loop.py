@@ -13,7 +13,7 @@ import math
 import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -55,19 +55,21 @@ class WarmupDecay:
 
 @dataclass
 class TrainResult:
-    """What a finished run did: steps, time, tokens, eval metrics before and after."""
+    """What a finished run did: steps, wall time (with evals and checkpoints), time in
+    training steps alone, tokens trained on (all ranks), eval metrics before and after."""
 
     steps: int
     seconds: float
+    train_seconds: float
     tokens: int
     eval_before: dict[str, float]
     eval_after: dict[str, float]
     checkpoint: Path | None
-    history: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def tokens_per_s(self) -> float:
-        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+        """Training throughput: tokens over the time spent in training steps."""
+        return self.tokens / self.train_seconds if self.train_seconds > 0 else 0.0
 
 
 def steps_per_epoch(n_examples: int, options: TrainOptions, world_size: int) -> int:
@@ -121,6 +123,8 @@ def train(
 
     env = env or DistEnv()
     write_adapter = write_adapter or save_adapter
+    if options.threads:
+        torch.set_num_threads(options.threads)
     out = Path(options.out)
     base = model
     wrapped = wrap_model(model, env, fsdp=options.fsdp)
@@ -143,12 +147,13 @@ def train(
         )
         scheduler.lr_lambdas = [schedule]  # this run's schedule (e.g. a larger --max-steps)
         eval_before, elapsed, tokens = state["eval_before"], state["elapsed"], state["tokens"]
+        train_seconds = state.get("train_seconds", elapsed)
     else:
         if env.is_main:
             shutil.rmtree(checkpoint_dir(out), ignore_errors=True)  # a fresh run owns `out`
         barrier(env)
         torch.manual_seed(options.seed + env.rank)  # dropout streams differ per rank
-        position, elapsed, tokens = Position(), 0.0, 0
+        position, elapsed, tokens, train_seconds = Position(), 0.0, 0, 0.0
         eval_before = run_eval()
     log = MetricsLog(out, position.step) if env.is_main else None
     progress = Progress(total, position.step, options.progress if env.is_main else "none")
@@ -169,6 +174,7 @@ def train(
         extra = {
             "eval_before": eval_before,
             "elapsed": time.perf_counter() - t_start,
+            "train_seconds": train_seconds,
             "tokens": tokens,
             "task": task,
         }
@@ -189,6 +195,7 @@ def train(
     try:
         while step < total:
             for window in _windows(train_data, options, env, epoch, batch):
+                t_step = time.perf_counter()
                 window_loss, bad, step_tokens = 0.0, False, 0
                 for i, rows in enumerate(window):
                     inputs = {
@@ -226,6 +233,7 @@ def train(
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
                 batch += len(window)
+                train_seconds += time.perf_counter() - t_step
                 losses.append(window_loss)
                 lr = scheduler.get_last_lr()[0]
                 now = time.perf_counter()
@@ -268,7 +276,7 @@ def train(
         progress.print(f"eval after training: {_fmt(eval_after)}")
     last_ckpt = checkpoint()
     seconds = time.perf_counter() - t_start
-    return TrainResult(step, seconds, tokens, eval_before, eval_after, last_ckpt)
+    return TrainResult(step, seconds, train_seconds, tokens, eval_before, eval_after, last_ckpt)
 
 
 @contextlib.contextmanager
