@@ -221,3 +221,22 @@ def test_compile_fullgraph_with_dropout_in_training():
     block.eval()
     with torch.no_grad():
         _close(compiled(x), block(x), rtol=1e-5)  # eval: no dropout, both paths agree
+
+
+@pytest.mark.parametrize("shape", [(12,), (0, 12), (2, 0, 12)], ids=["1d", "empty", "empty-3d"])
+def test_odd_input_shapes(shape):
+    layer = _adapted("linear", True, 1, "none")
+    x = torch.randn(*shape, requires_grad=True)
+    y = layer(x)
+    assert y.shape == (*shape[:-1], 10)
+    if y.numel():
+        _close(y, _plain(layer, x))
+    y.sum().backward()
+    assert x.grad.shape == x.shape
+
+
+def test_meta_device_layers_run():
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(12, 10))
+    inject(model, LoraConfig(targets=("0",)))
+    assert model(torch.empty(3, 12, device="meta")).shape == (3, 10)

@@ -180,6 +180,15 @@ class _FusedLoraLinear(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None, None, None, None, *grad_factors
 
 
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype autocast computes in on `device_type`, or None when autocast is off there."""
+    if not torch.amp.is_autocast_available(device_type):  # e.g. "meta"
+        return None
+    if not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
+
+
 def fused_lora_linear(
     x: Tensor,
     weight: Tensor,
@@ -206,8 +215,8 @@ def fused_lora_linear(
         dropout = (0.0,) * len(scales)
     assert len(lora_A) == len(lora_B) == len(scales) == len(dropout)
     device_type = x.device.type
-    if torch.is_autocast_enabled(device_type) and x.is_floating_point():
-        dtype = torch.get_autocast_dtype(device_type)
+    dtype = autocast_dtype(device_type)
+    if dtype is not None and x.is_floating_point():
         with torch.autocast(device_type, enabled=False):
             return fused_lora_linear(
                 x.to(dtype),

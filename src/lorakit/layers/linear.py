@@ -7,7 +7,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from ..functional import fused_lora_linear
+from ..functional import autocast_dtype, fused_lora_linear
 from .base import LoraLayer
 from .lora import LoRA
 
@@ -59,7 +59,7 @@ class LinearLora(LoraLayer):
             return ()
         if self.base_class.forward is not self.fused_base.forward:
             return ()  # a subclass with its own forward: only the plain path calls it
-        autocast = torch.is_autocast_enabled(x.device.type)
+        autocast = autocast_dtype(x.device.type) is not None
         if not x.is_floating_point() or (x.dtype != self.weight.dtype and not autocast):
             return ()
         names = tuple(n for n in self.lora_active if n not in self.lora_merged)
