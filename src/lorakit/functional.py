@@ -46,7 +46,7 @@ def merged_weight(weight: Tensor, delta: Tensor, sign: int = 1) -> Tensor:
 # computes a gradient for W unless W asks for one, and regenerates the dropout masks from a
 # seed instead of storing a dropped copy of x. The big GEMMs (x W^T, g W) accumulate into the
 # buffer the thin rank-r products started (beta = 1), so the low-rank terms cost no extra pass
-# over y or grad_x; the thin GEMMs are laid out as (r, N) products, MKL's fastest shape for them.
+# over y or grad_x. What remains is four thin GEMMs per layer, each one pass over x or g.
 
 _KEEP_BITS = 16  # resolution of the dropout probability: multiples of 2**-16
 
