@@ -9,7 +9,7 @@ Workload (the issue's): a Llama-style transformers model (hidden 512, 4 layers, 
 adapters (row i -> adapter i mod N; with N > 64 rows use a random 64 of them). Every timed
 call of a routed variant enters a fresh `routing` context, so stacking the factors counts.
 
-Variants, interleaved round by round (medians; ratios of medians):
+Variants, interleaved round by round (times: medians; ratios: medians of per-round ratios):
   base      the plain model, no adapters
   single    lorakit, all 64 rows through one adapter (the same model, one adapter active)
   mixed N   lorakit, `with lorakit.routing(model, rows): model(ids)`; with reuse_stacks=True
@@ -152,14 +152,20 @@ def main() -> None:
     times = interleaved(fns, args.reps, clock)
     med = {k: statistics.median(v) for k, v in times.items()}
 
+    def ratio(name: str, ref: str) -> float:
+        """Median over rounds of this round's time / the reference's time in the same round:
+        load that drifts between rounds cancels out."""
+        return statistics.median(a / b for a, b in zip(times[name], times[ref]))
+
     print(f"# mixed-adapter batch, {BATCH} x {TOKENS} tokens, rank {RANK} on all linear layers")
     cpu = platform.processor() or platform.machine()
     print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads, {cpu}, {args.clock} "
-          f"clock, median of {args.reps} interleaved rounds")  # fmt: skip
+          f"clock, {args.reps} interleaved rounds; ratios: per-round ratios, median")  # fmt: skip
     rows = [("variant", "median ms", "x base", "x single")]
     for name, m in med.items():
-        single = med["peft single"] if name.startswith("peft") else med["single"]
-        rows.append((name, f"{1000 * m:.0f}", f"{m / med['base']:.3f}", f"{m / single:.3f}"))
+        single = "peft single" if name.startswith("peft") else "single"
+        rows.append((name, f"{1000 * m:.0f}", f"{ratio(name, 'base'):.3f}",
+                     f"{ratio(name, single):.3f}"))  # fmt: skip
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     lines = [" | ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
     print("| " + lines[0] + " |")
