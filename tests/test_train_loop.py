@@ -219,3 +219,9 @@ def test_progress_is_a_bar_on_a_terminal_and_lines_otherwise() -> None:
     bar.log_step(2, 0.5, 100.0, 1e-3)  # no log lines under a bar
     bar.close()
     assert "2/4" in term.text and "loss=0.5000" in term.text and "step 2/4" not in term.text
+
+
+def test_fsdp_needs_torchrun(tmp_path: Path, bert_dir: Path) -> None:
+    data = write_jsonl(tmp_path / "train.jsonl", sentiment_records(16))
+    with pytest.raises(ConfigError, match="fsdp=True needs several processes; launch with"):
+        finetune(_options(tmp_path, bert_dir, data, fsdp=True))
