@@ -225,3 +225,15 @@ def test_fsdp_needs_torchrun(tmp_path: Path, bert_dir: Path) -> None:
     data = write_jsonl(tmp_path / "train.jsonl", sentiment_records(16))
     with pytest.raises(ConfigError, match="fsdp=True needs several processes; launch with"):
         finetune(_options(tmp_path, bert_dir, data, fsdp=True))
+
+
+def test_resuming_a_finished_run_changes_nothing(tmp_path: Path, bert_dir: Path) -> None:
+    data = write_jsonl(tmp_path / "train.jsonl", sentiment_records(40))
+    first = finetune(_options(tmp_path, bert_dir, data, save_every=2))
+    before = _adapter_tensors(first.model)
+    names = sorted(p.name for p in (tmp_path / "out" / "checkpoints").iterdir())
+    again = finetune(_options(tmp_path, bert_dir, data, save_every=2, resume=True))
+    assert again.train.steps == first.train.steps
+    assert sorted(p.name for p in (tmp_path / "out" / "checkpoints").iterdir()) == names
+    after = _adapter_tensors(again.model)
+    assert all(torch.equal(before[k], after[k]) for k in before)

@@ -168,7 +168,6 @@ def train(
     last_ckpt = resume_from
     t_start = time.perf_counter() - elapsed
     t_log, tokens_log, losses = time.perf_counter(), 0, []
-    last_eval: dict[str, float] = {}
 
     def checkpoint() -> Path:
         extra = {
@@ -209,7 +208,7 @@ def train(
                     value = loss.item()
                     bad = bad or not math.isfinite(value)
                     window_loss += value / len(window)
-                    step_tokens += int(inputs["attention_mask"].sum())
+                    step_tokens += _count_tokens(inputs)
                 norm = torch.nn.utils.clip_grad_norm_(params, options.max_grad_norm or float("inf"))
                 norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
                 # One all-reduce per step: did any rank see NaN/inf, and how many tokens in all.
@@ -256,11 +255,11 @@ def train(
                     progress.log_step(step, mean, tok_s, lr)
                     t_log, tokens_log, losses = now, 0, []
                 if options.eval_every and step % options.eval_every == 0 and step < total:
-                    last_eval = run_eval()
-                    if last_eval:
-                        progress.print(f"step {step}: eval {_fmt(last_eval)}")
+                    metrics = run_eval()
+                    if metrics:
+                        progress.print(f"step {step}: eval {_fmt(metrics)}")
                         if log:
-                            log.write({"step": step, "eval": last_eval})
+                            log.write({"step": step, "eval": metrics})
                 if options.save_every and step % options.save_every == 0 and step < total:
                     last_ckpt = checkpoint()
                 if step >= total:
@@ -274,9 +273,16 @@ def train(
         log.write({"step": step, "eval": eval_after})
     if eval_after:
         progress.print(f"eval after training: {_fmt(eval_after)}")
-    last_ckpt = checkpoint()
+    if resume_from is None or step > position.step:
+        last_ckpt = checkpoint()  # (a resumed run that had nothing left keeps its checkpoint)
     seconds = time.perf_counter() - t_start
     return TrainResult(step, seconds, train_seconds, tokens, eval_before, eval_after, last_ckpt)
+
+
+def _count_tokens(inputs: dict[str, torch.Tensor]) -> int:
+    """Real (unpadded) tokens in a batch: the attention mask's ones, else every input id."""
+    mask = inputs.get("attention_mask")
+    return int(mask.sum()) if mask is not None else inputs["input_ids"].numel()
 
 
 @contextlib.contextmanager

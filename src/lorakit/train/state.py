@@ -125,10 +125,12 @@ def _write_atomically(final: Path, state: dict[str, Any], write_adapter: Callabl
     tmp.mkdir(parents=True)
     _save_synced(state, tmp / STATE_FILE)
     write_adapter(tmp / "adapter")
-    if final.exists():  # a re-run of the same step (e.g. after resume): replace it whole
-        shutil.rmtree(final)
+    old = final.with_name(f".old-{final.name}-{os.getpid()}")
+    if final.exists():  # the same step written again: set the old one aside, never lose both
+        os.replace(final, old)
     os.replace(tmp, final)
     _fsync_dir(final.parent)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def load_checkpoint(
