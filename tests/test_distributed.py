@@ -48,3 +48,24 @@ def test_ddp_ranks_agree_and_match_one_process(tmp_path_factory: pytest.TempPath
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
     names = sorted(p.name for p in (out / "checkpoints").iterdir())
     assert names == ["step-00000002", f"step-{STEPS:08d}"]
+
+
+def test_ddp_syncs_only_the_adapter_gradients(tmp_path) -> None:
+    import torch.distributed as dist
+    from torch import nn
+
+    import lorakit
+    from lorakit.train.distributed import DistEnv, wrap_model
+
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 4))
+        lorakit.inject(model, lorakit.LoraConfig(rank=2, targets=["0"]))
+        # a one-process group stands in for torchrun's; DistEnv says "distributed" to get DDP
+        ddp = wrap_model(model, DistEnv(rank=0, world_size=2))
+        synced = ddp._get_ddp_logging_data()  # what DDP's reducer registered for all-reduce
+        assert synced["num_parameter_tensors"] == 2  # lora_A and lora_B, no base weights
+        assert synced["total_parameter_size_bytes"] == (2 * 64 + 64 * 2) * 4
+    finally:
+        dist.destroy_process_group()
