@@ -9,7 +9,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 import torch
 from safetensors.torch import load_file
 from tiny_hf import sentiment_records, tiny_model, write_jsonl
@@ -41,8 +40,7 @@ def test_sigkill_then_resume_gives_the_uninterrupted_adapter(tmp_path: Path) -> 
     data = write_jsonl(tmp_path / "train.jsonl", sentiment_records(160))
 
     whole = tmp_path / "whole"
-    done = subprocess.run(_command(model, data, whole), env=_env(), capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-2000:]
+    _in_process(_command(model, data, whole))  # the same options, parsed from the same argv
 
     crashed = tmp_path / "crashed"
     proc = subprocess.Popen(
@@ -98,13 +96,21 @@ def test_rng_state_round_trips() -> None:
     assert DistEnv().world_size == 1
 
 
-@pytest.mark.parametrize("flag", ["--resume"])
-def test_resume_without_checkpoint_starts_fresh(tmp_path: Path, flag: str) -> None:
+def test_resume_without_checkpoint_starts_fresh(tmp_path: Path, capsys) -> None:
     model = tiny_model(tmp_path / "bert")
     data = write_jsonl(tmp_path / "train.jsonl", sentiment_records(40))
-    cmd = _command(model, data, tmp_path / "out", flag)
+    cmd = _command(model, data, tmp_path / "out", "--resume")
     cmd[cmd.index("--max-steps") + 1] = "3"
-    done = subprocess.run(cmd, env=_env(), capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert "eval before training" in done.stderr
+    _in_process(cmd)
+    assert "eval before training" in capsys.readouterr().err
     assert (tmp_path / "out" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def _in_process(cmd: list[str]) -> None:
+    """Run `python -m lorakit finetune ...` (as built by _command) inside this process."""
+    from lorakit.cli import build_parser
+    from lorakit.cli.finetune import options_from_args
+    from lorakit.train import finetune
+
+    options, lora = options_from_args(build_parser().parse_args(cmd[cmd.index("finetune") :]))
+    finetune(options, lora)
