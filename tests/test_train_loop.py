@@ -237,3 +237,16 @@ def test_resuming_a_finished_run_changes_nothing(tmp_path: Path, bert_dir: Path)
     assert sorted(p.name for p in (tmp_path / "out" / "checkpoints").iterdir()) == names
     after = _adapter_tensors(again.model)
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_finetuned_adapter_loads_in_peft(tmp_path: Path, bert_dir: Path) -> None:
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForSequenceClassification
+
+    data = write_jsonl(tmp_path / "train.jsonl", sentiment_records(48))
+    result = finetune(_options(tmp_path, bert_dir, data))
+    ids = torch.randint(1000, 2000, (3, 7))
+    trained = result.model.eval()(input_ids=ids).logits
+    base = AutoModelForSequenceClassification.from_pretrained(bert_dir, num_labels=2)
+    model = peft.PeftModel.from_pretrained(base, str(result.adapter)).eval()
+    torch.testing.assert_close(model(input_ids=ids).logits, trained)  # head included
