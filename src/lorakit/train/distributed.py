@@ -27,6 +27,7 @@ class DistEnv:
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
+    owns_group: bool = False  # this run called init_process_group, so it tears it down
 
     @property
     def is_main(self) -> bool:
@@ -48,14 +49,15 @@ def setup() -> DistEnv:
         torch.cuda.set_device(device)
     if world_size <= 1:
         return DistEnv(device=device)
-    if not dist.is_initialized():
+    owns = not dist.is_initialized()
+    if owns:
         dist.init_process_group(backend="nccl" if cuda else "gloo")
-    return DistEnv(dist.get_rank(), dist.get_world_size(), local_rank, device)
+    return DistEnv(dist.get_rank(), dist.get_world_size(), local_rank, device, owns)
 
 
 def teardown(env: DistEnv) -> None:
-    """Leave the process group (when this run joined one)."""
-    if env.distributed and dist.is_initialized():
+    """Leave the process group if `setup` created it (a caller's own group stays)."""
+    if env.owns_group and dist.is_initialized():
         dist.destroy_process_group()
 
 

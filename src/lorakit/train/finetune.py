@@ -58,10 +58,8 @@ class FinetuneResult:
     summary: str
 
 
-def default_lora(task: Task) -> LoraConfig:
-    """The CLI's LoRA defaults: rank 8, alpha 16 on every linear layer."""
-    del task
-    return LoraConfig(rank=8, alpha=16.0, targets="all-linear")
+# The command line's LoRA defaults: rank 8, alpha 16 on every linear layer (plus the head).
+DEFAULT_LORA = LoraConfig(rank=8, alpha=16.0, targets="all-linear")
 
 
 def finetune(
@@ -120,7 +118,7 @@ def _finetune(
     model = load_model(model_dir, task, label_map)
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = pad  # seq-cls heads find the last real token with it
-    lora = lora or default_lora(task)
+    lora = lora or DEFAULT_LORA
     if task == "seq-cls" and not lora.modules_to_save:
         lora = _with_head(lora, model)
     report = inject(model, lora)
