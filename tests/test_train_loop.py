@@ -250,3 +250,13 @@ def test_finetuned_adapter_loads_in_peft(tmp_path: Path, bert_dir: Path) -> None
     base = AutoModelForSequenceClassification.from_pretrained(bert_dir, num_labels=2)
     model = peft.PeftModel.from_pretrained(base, str(result.adapter)).eval()
     torch.testing.assert_close(model(input_ids=ids).logits, trained)  # head included
+
+
+def test_a_fresh_run_in_the_same_folder_starts_a_fresh_metrics_file(
+    tmp_path: Path, bert_dir: Path
+) -> None:
+    data = write_jsonl(tmp_path / "train.jsonl", sentiment_records(40))
+    finetune(_options(tmp_path, bert_dir, data))
+    finetune(_options(tmp_path, bert_dir, data))
+    records = read_metrics(tmp_path / "out" / "metrics.jsonl")
+    assert [r["step"] for r in records if "eval" in r] == [0, records[-1]["step"]]

@@ -155,7 +155,8 @@ def train(
         torch.manual_seed(options.seed + env.rank)  # dropout streams differ per rank
         position, elapsed, tokens, train_seconds = Position(), 0.0, 0, 0.0
         eval_before = run_eval()
-    log = MetricsLog(out, position.step) if env.is_main else None
+    resume_step = position.step if resume_from is not None else None  # fresh: start empty
+    log = MetricsLog(out, resume_step) if env.is_main else None
     progress = Progress(total, position.step, options.progress if env.is_main else "none")
     if resume_from is not None:
         progress.print(f"resuming from {resume_from} (step {position.step} of {total})")
