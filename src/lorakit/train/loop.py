@@ -160,6 +160,12 @@ def train(
     progress = Progress(total, position.step, options.progress if env.is_main else "none")
     if resume_from is not None:
         progress.print(f"resuming from {resume_from} (step {position.step} of {total})")
+        if state["world_size"] != env.world_size:
+            progress.print(
+                f"note: the checkpoint was written by {state['world_size']} process(es), this "
+                f"run has {env.world_size}: the data after it is sharded differently than an "
+                "uninterrupted run's"
+            )
     elif eval_before:
         progress.print(f"eval before training: {_fmt(eval_before)}")
         if log:
