@@ -17,8 +17,13 @@ class LinearLora(LoraLayer):
 
     `forward` takes the fused fast path (`functional.fused_lora_linear`: one autograd node,
     the low-rank product added into the base output in place, no gradient for W, dropout
-    masks regenerated rather than stored) whenever it computes exactly what the plain path
-    `LoraLayer.forward` would, and falls back to the plain path otherwise.
+    masks regenerated rather than stored) whenever it computes what the plain path
+    `LoraLayer.forward` would (equal to rounding in float32), and falls back to the plain path
+    otherwise: routing, disabled, everything merged, a base subclass with its own forward, an
+    adapter subclass, dropout under torch.compile. One difference by design: with adapters in
+    a wider dtype than the base (float32 adapters on a bf16 model) the fused path computes the
+    low-rank term in the base's dtype, as autocast would, where the plain path upcasts x;
+    the adapters' gradients still arrive in their own dtype.
     """
 
     # The base class whose forward the fused op reproduces, and the layout of `weight`.
