@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import re
 import subprocess
@@ -40,6 +41,56 @@ def test_lora_options_reach_the_config() -> None:
     _, lora = options_from_args(build_parser().parse_args(argv))
     assert (lora.rank, lora.alpha, lora.targets) == (4, 8.0, ("query", "value"))
     assert lora.modules_to_save == ("classifier",) and lora.use_rslora and lora.dropout == 0.1
+
+
+def test_padding_and_truncation_options_reach_train_options() -> None:
+    argv = ["finetune", "--padding", "max-length", "--truncation-side", "left"]
+    options, _ = options_from_args(build_parser().parse_args(argv))
+    assert (options.padding, options.truncation_side) == ("max-length", "left")
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--padding", "max_length"], "argument --padding: invalid choice: 'max_length'"),
+        (["--truncation-side", "middle"], "argument --truncation-side: invalid choice: 'middle'"),
+    ],
+)
+def test_bad_padding_or_truncation_side_is_refused(capsys, argv: list, message: str) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["finetune", *argv])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_max_length_padding_and_left_truncation_end_to_end(
+    tmp_path: Path, bert_dir: Path, capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    finetune_module = importlib.import_module("lorakit.train.finetune")  # not the function
+    # Record the shapes of the batches the real loop trains and evaluates on.
+    widths: set[int] = set()
+    real_train = finetune_module.train
+
+    def train(model, train_data, eval_data, options, *, collate_fn, **kw):
+        def collate(examples):
+            batch = collate_fn(examples)
+            widths.add(batch["input_ids"].shape[1])
+            return batch
+
+        return real_train(model, train_data, eval_data, options, collate_fn=collate, **kw)
+
+    monkeypatch.setattr(finetune_module, "train", train)
+    data = write_jsonl(tmp_path / "train.jsonl", sentiment_records(40))
+    code, _, err = _run(
+        capsys, "--model", str(bert_dir), "--data", str(data), "--out", str(tmp_path / "o"),
+        "--max-steps", "2", "--max-length", "24", "--padding", "max-length",
+        "--truncation-side", "left",
+    )  # fmt: skip
+    assert code == 0, err
+    assert widths == {24}
+    run = json.loads((tmp_path / "o" / "run.json").read_text())
+    assert run["options"]["padding"] == "max-length"
+    assert run["options"]["truncation_side"] == "left"
 
 
 def test_the_demo_runs_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -135,3 +186,12 @@ def test_python_dash_m_help() -> None:
     for flag in ("--resume", "--save-every", "--grad-accum", "--fsdp", "--modules-to-save"):
         assert flag in done.stdout
     assert "--debug-dump-params" not in done.stdout  # a test hook, hidden
+    # Each option states its default at most once (no "(default: x) (default: None)").
+    options = re.split(r"\n  (?=-)", done.stdout.split("options:", 1)[1])
+    assert len(options) > 30
+    for option in options:
+        assert option.count("(default:") <= 1, option
+    assert "(default: None)" not in done.stdout
+    for shown in ("--padding {longest,max-length}", "--truncation-side {right,left}"):
+        assert shown in done.stdout
+    assert "(default: 128)" in done.stdout and "(default: the demo's MiniLM-L6)" in done.stdout

@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from lorakit.errors import LorakitError
+from lorakit.errors import ConfigError, LorakitError
 from lorakit.train.data import (
     IGNORE_INDEX,
     LINE_KEY,
@@ -220,7 +220,8 @@ def test_causal_lm_plain_text_trains_on_all_tokens_and_truncates(tokenizer):
 
 def test_causal_lm_prompt_too_long(tokenizer):
     records = [{"prompt": "a b c d e f g h", "completion": "z", LINE_KEY: 4}]
-    with pytest.raises(DataError, match=r"p\.jsonl, line 4: prompt is 10 tokens"):
+    message = r"p\.jsonl, line 4: prompt is 10 tokens.*truncation_side='left'"
+    with pytest.raises(DataError, match=message):
         CausalLMDataset(records, tokenizer, max_length=8, path="p.jsonl")
 
 
@@ -268,6 +269,81 @@ def test_eos_is_appended_to_completion_and_text():
     dataset = CausalLMDataset(records, CharTokenizer(), max_length=10, path="p")
     assert dataset[0] == {"input_ids": [97, 98, 99, 9], "labels": [IGNORE_INDEX] * 2 + [99, 9]}
     assert dataset[1] == {"input_ids": [120, 121, 9], "labels": [120, 121, 9]}
+
+
+# --------------------------------------------------------------------------- truncation side
+
+
+def test_left_truncation_keeps_the_end_of_a_text():
+    records = [{"text": "abcdefgh"}]
+    right = CausalLMDataset(records, CharTokenizer(), max_length=4, path="p")[0]
+    left = CausalLMDataset(records, CharTokenizer(), 4, "p", truncation_side="left")[0]
+    assert right["input_ids"] == [ord(c) for c in "abcd"]
+    assert left["input_ids"] == [ord(c) for c in "fgh"] + [9]  # ends with the EOS
+    assert left["labels"] == left["input_ids"]
+
+
+def test_left_truncation_cuts_the_prompt_start_and_keeps_the_completion():
+    records = [{"prompt": "abcdefgh", "completion": "xy", LINE_KEY: 2}]
+    example = CausalLMDataset(records, CharTokenizer(), 6, "p", truncation_side="left")[0]
+    assert example["input_ids"] == [ord(c) for c in "fghxy"] + [9]  # 6 - 3 prompt tokens kept
+    assert example["labels"] == [IGNORE_INDEX] * 3 + [ord("x"), ord("y"), 9]
+    # With right truncation the same record fails: its prompt alone fills max_length.
+    with pytest.raises(DataError, match=r"p, line 2: prompt is 8 tokens"):
+        CausalLMDataset(records, CharTokenizer(), 6, "p")
+
+
+def test_left_truncation_refuses_a_completion_that_fills_max_length():
+    records = [{"prompt": "ab", "completion": "wxyz", LINE_KEY: 3}]
+    message = r"p, line 3: completion is 5 tokens, leaving no room for the prompt"
+    with pytest.raises(DataError, match=message):
+        CausalLMDataset(records, CharTokenizer(), 5, "p", truncation_side="left")
+
+
+def test_seq_cls_left_truncation_keeps_the_end_and_special_tokens(tokenizer):
+    records = [{"text": "one two three four five six seven eight", "label": "x"}]
+    dataset = SeqClsDataset(records, tokenizer, {"x": 0}, 5, "d", truncation_side="left")
+    assert tokenizer.decode(dataset[0]["input_ids"]) == "[CLS] six seven eight [SEP]"
+    assert tokenizer.truncation_side == "right"  # the shared tokenizer is left as it was
+    right = SeqClsDataset(records, tokenizer, {"x": 0}, 5, "d")
+    assert tokenizer.decode(right[0]["input_ids"]) == "[CLS] one two three [SEP]"
+
+
+@pytest.mark.parametrize("dataset", [SeqClsDataset, CausalLMDataset])
+def test_bad_truncation_side_names_the_option(tokenizer, dataset):
+    args = ([], tokenizer, {}, 8) if dataset is SeqClsDataset else ([], tokenizer, 8)
+    with pytest.raises(ConfigError, match=r"truncation_side must be one of .*'middle'"):
+        dataset(*args, "p", truncation_side="middle")
+
+
+# --------------------------------------------------------------------------- padding
+
+
+def test_max_length_padding_gives_fixed_width_batches_with_masked_labels():
+    records = [{"prompt": "ab", "completion": "c"}, {"text": "xyz"}]
+    dataset = CausalLMDataset(records, CharTokenizer(), max_length=8, path="p")
+    batch = Collator(0, pad_to=8)([dataset[0], dataset[1]])
+    assert {k: tuple(v.shape) for k, v in batch.items()} == {
+        "input_ids": (2, 8), "attention_mask": (2, 8), "labels": (2, 8),
+    }  # fmt: skip
+    assert batch["attention_mask"].sum(1).tolist() == [4, 4]
+    assert (batch["labels"][batch["attention_mask"] == 0] == IGNORE_INDEX).all()
+    assert (batch["input_ids"][batch["attention_mask"] == 0] == 0).all()
+    # Dynamic padding (the default) stops at the longest example.
+    assert Collator(0)([dataset[0], dataset[1]])["input_ids"].shape == (2, 4)
+
+
+def test_max_length_padding_for_classification(tokenizer):
+    records = [{"text": "good", "label": "pos"}]
+    dataset = SeqClsDataset(records, tokenizer, {"pos": 0}, 16, "d.jsonl")
+    batch = Collator(pad_token_id(tokenizer), pad_to=16)([dataset[0]])
+    assert batch["input_ids"].shape == batch["attention_mask"].shape == (1, 16)
+    assert batch["attention_mask"].sum().item() == 3 and batch["labels"].tolist() == [0]
+
+
+def test_pad_to_shorter_than_an_example_is_refused():
+    with pytest.raises(DataError, match=r"an example has 3 tokens, more than pad_to=2"):
+        collate([{"input_ids": [1, 2, 3], "labels": 0}], pad_token_id=0, pad_to=2)
 
 
 # --------------------------------------------------------------------------- demo data

@@ -160,6 +160,8 @@ def test_warmup_then_decay(schedule: str, expected: list[float | None]) -> None:
         ({"schedule": "step"}, r"schedule must be one of .*'step'"),
         ({"save_every": -1}, r"save_every must be a non-negative integer, got -1"),
         ({"keep_checkpoints": 0}, r"keep_checkpoints must be at least 1"),
+        ({"padding": "max_length"}, r"padding must be one of .*'max_length'"),
+        ({"truncation_side": "middle"}, r"truncation_side must be one of .*'middle'"),
     ],
 )
 def test_bad_options_name_the_option(kwargs: dict, message: str) -> None:

@@ -9,7 +9,8 @@ from __future__ import annotations
 import argparse
 
 from ..config import LoraConfig
-from ..train.options import PROGRESS, SCHEDULES, TASKS, TrainOptions
+from ..train.data import TRUNCATION_SIDES
+from ..train.options import PADDINGS, PROGRESS, SCHEDULES, TASKS, TrainOptions
 
 
 def _names(value: str) -> tuple[str, ...] | str:
@@ -22,63 +23,148 @@ def _names(value: str) -> tuple[str, ...] | str:
 def register(subparsers: argparse._SubParsersAction) -> None:
     d = TrainOptions()
     lora = LoraConfig()
+    # Every help string names its default once, by hand: ArgumentDefaultsHelpFormatter
+    # would print "(default: None)" for options whose default is a behaviour, not a value.
     p = subparsers.add_parser(
         "finetune",
         help="finetune a local Hugging Face model with LoRA (no arguments: the built-in demo)",
         description=__doc__,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     g = p.add_argument_group("model and data")
     g.add_argument("--model", help="local model folder (default: the demo's MiniLM-L6)")
-    g.add_argument("--data", help="training data, .jsonl/.json/.csv (default: demo data)")
+    g.add_argument("--data", help="training data, .jsonl/.json/.csv (default: the demo's)")
     g.add_argument("--eval-file", help="held-out data (default: split off --eval-fraction)")
-    g.add_argument("--eval-fraction", type=float, default=d.eval_fraction)
-    g.add_argument("--task", choices=TASKS, help="default: from the model config's architectures")
-    g.add_argument("--max-length", type=int, default=d.max_length, help="tokens per example")
-    g.add_argument("--out", default=d.out, help="output folder")
+    g.add_argument(
+        "--eval-fraction",
+        type=float,
+        default=d.eval_fraction,
+        help="share of --data held out without --eval-file (default: %(default)s)",
+    )
+    g.add_argument("--task", choices=TASKS, help="(default: from the model config's architectures)")
+    g.add_argument(
+        "--max-length",
+        type=int,
+        default=d.max_length,
+        help="tokens per example, after truncation (default: %(default)s)",
+    )
+    g.add_argument(
+        "--padding",
+        choices=PADDINGS,
+        default=d.padding,
+        help="longest: pad each batch to its longest example; max-length: pad every batch "
+        "to --max-length (default: %(default)s)",
+    )
+    g.add_argument(
+        "--truncation-side",
+        choices=TRUNCATION_SIDES,
+        default=d.truncation_side,
+        help="end cut from examples over --max-length; left keeps a text's end, and the "
+        "whole completion of prompt + completion (default: %(default)s)",
+    )
+    g.add_argument("--out", default=d.out, help="output folder (default: %(default)s)")
 
     g = p.add_argument_group("LoRA (see lorakit.LoraConfig)")
-    g.add_argument("--rank", type=int, default=lora.rank)
-    g.add_argument("--alpha", type=float, default=lora.alpha)
-    g.add_argument("--dropout", type=float, default=lora.dropout)
+    g.add_argument("--rank", type=int, default=lora.rank, help="(default: %(default)s)")
+    g.add_argument("--alpha", type=float, default=lora.alpha, help="(default: %(default)s)")
+    g.add_argument("--dropout", type=float, default=lora.dropout, help="(default: %(default)s)")
     g.add_argument(
-        "--targets", type=_names, default="all-linear", help='"all-linear" or names: query,value'
+        "--targets",
+        type=_names,
+        default="all-linear",
+        help='"all-linear" or names: query,value (default: %(default)s)',
     )
-    g.add_argument("--targets-regex", help="one regex over full module paths (instead)")
-    g.add_argument("--exclude", type=_names, default=(), help="names never adapted")
+    g.add_argument("--targets-regex", help="one regex over full module paths, instead of --targets")
+    g.add_argument("--exclude", type=_names, default=(), help="names never adapted (default: none)")
     g.add_argument(
-        "--modules-to-save", type=_names, default=(), help="trained in full (default: the head)"
+        "--modules-to-save",
+        type=_names,
+        default=(),
+        help="names trained in full (default: a seq-cls model's head)",
     )
-    g.add_argument("--use-rslora", action="store_true")
-    g.add_argument("--bias", choices=("none", "all", "lora_only"), default=lora.bias)
-    g.add_argument("--init", choices=("kaiming", "gaussian", "zeros"), default=lora.init)
+    g.add_argument("--use-rslora", action="store_true", help="scale by alpha / sqrt(rank)")
+    g.add_argument(
+        "--bias", choices=("none", "all", "lora_only"), default=lora.bias,
+        help="(default: %(default)s)",
+    )  # fmt: skip
+    g.add_argument(
+        "--init", choices=("kaiming", "gaussian", "zeros"), default=lora.init,
+        help="(default: %(default)s)",
+    )  # fmt: skip
     g.add_argument(
         "--dtype",
         choices=("float32", "float64", "bfloat16", "float16", "base"),
         default="float32",
-        help='adapter dtype; "base" follows the base layer',
+        help='adapter dtype; "base" follows the base layer (default: %(default)s)',
     )
 
     g = p.add_argument_group("training")
-    g.add_argument("--epochs", type=int, default=d.epochs)
-    g.add_argument("--max-steps", type=int, default=d.max_steps, help="> 0 overrides --epochs")
-    g.add_argument("--batch-size", type=int, default=d.batch_size, help="per process")
-    g.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size)
-    g.add_argument("--grad-accum", type=int, default=d.grad_accum)
-    g.add_argument("--lr", type=float, default=d.lr)
-    g.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    g.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
-    g.add_argument("--schedule", choices=SCHEDULES, default=d.schedule)
-    g.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm, help="0: no clipping")
-    g.add_argument("--seed", type=int, default=d.seed)
-    g.add_argument("--eval-every", type=int, default=d.eval_every, help="steps; 0: off")
-    g.add_argument("--log-every", type=int, default=d.log_every, help="steps; 0: off")
-    g.add_argument("--save-every", type=int, default=d.save_every, help="steps; 0: end only")
-    g.add_argument("--keep-checkpoints", type=int, default=d.keep_checkpoints)
+    g.add_argument("--epochs", type=int, default=d.epochs, help="(default: %(default)s)")
+    g.add_argument(
+        "--max-steps",
+        type=int,
+        default=d.max_steps,
+        help="> 0 overrides --epochs (default: %(default)s)",
+    )
+    g.add_argument(
+        "--batch-size", type=int, default=d.batch_size, help="per process (default: %(default)s)"
+    )
+    g.add_argument(
+        "--eval-batch-size", type=int, default=d.eval_batch_size, help="(default: %(default)s)"
+    )
+    g.add_argument(
+        "--grad-accum",
+        type=int,
+        default=d.grad_accum,
+        help="micro-batches per optimizer step (default: %(default)s)",
+    )
+    g.add_argument(
+        "--lr", type=float, default=d.lr, help="peak learning rate (default: %(default)s)"
+    )
+    g.add_argument(
+        "--weight-decay", type=float, default=d.weight_decay, help="(default: %(default)s)"
+    )
+    g.add_argument(
+        "--warmup-steps", type=int, default=d.warmup_steps, help="(default: %(default)s)"
+    )
+    g.add_argument(
+        "--schedule",
+        choices=SCHEDULES,
+        default=d.schedule,
+        help="lr after warmup (default: %(default)s)",
+    )
+    g.add_argument(
+        "--max-grad-norm",
+        type=float,
+        default=d.max_grad_norm,
+        help="0: no clipping (default: %(default)s)",
+    )
+    g.add_argument("--seed", type=int, default=d.seed, help="(default: %(default)s)")
+    g.add_argument(
+        "--eval-every", type=int, default=d.eval_every, help="steps; 0: off (default: %(default)s)"
+    )
+    g.add_argument(
+        "--log-every", type=int, default=d.log_every, help="steps; 0: off (default: %(default)s)"
+    )
+    g.add_argument(
+        "--save-every",
+        type=int,
+        default=d.save_every,
+        help="steps; 0: at the end only (default: %(default)s)",
+    )
+    g.add_argument(
+        "--keep-checkpoints", type=int, default=d.keep_checkpoints, help="(default: %(default)s)"
+    )
     g.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
     g.add_argument("--fsdp", action="store_true", help="shard the base with FSDP2 (torchrun)")
-    g.add_argument("--threads", type=int, default=d.threads, help="torch threads; 0: default")
-    g.add_argument("--progress", choices=PROGRESS, default=d.progress)
+    g.add_argument(
+        "--threads",
+        type=int,
+        default=d.threads,
+        help="torch threads; 0: torch's choice, 1 for the demo (default: %(default)s)",
+    )
+    g.add_argument(
+        "--progress", choices=PROGRESS, default=d.progress, help="(default: %(default)s)"
+    )
     # Test hook: every rank saves its trainable tensors to DIR/rank<r>.pt.
     g.add_argument("--debug-dump-params", help=argparse.SUPPRESS)
     p.set_defaults(func=run)
@@ -94,6 +180,8 @@ def options_from_args(args: argparse.Namespace) -> tuple[TrainOptions, LoraConfi
         task=args.task,
         out=args.out,
         max_length=args.max_length,
+        padding=args.padding,
+        truncation_side=args.truncation_side,
         epochs=args.epochs,
         max_steps=args.max_steps,
         batch_size=args.batch_size,

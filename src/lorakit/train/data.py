@@ -14,6 +14,13 @@ Fields per task
 * ``causal-lm``: either ``text`` (loss on every token), or ``prompt`` + ``completion``
   (loss on the completion tokens only; prompt tokens get label ``-100``).
 
+Truncation and padding
+----------------------
+Examples longer than ``max_length`` tokens are cut on ``truncation_side``: ``"right"``
+keeps their start, ``"left"`` their end (for ``prompt`` + ``completion`` the prompt's start
+goes and the whole completion stays). :class:`Collator` pads each batch to its longest
+example, or to a fixed ``pad_to`` (``--padding max-length``).
+
 Every record returned by :func:`read_records` carries its 1-based source line under the
 key :data:`LINE_KEY`, so later errors (missing field, unseen label) can point at it even
 after :func:`split_eval` has shuffled the records.
@@ -32,9 +39,12 @@ from typing import Any, Literal
 import torch
 from torch.utils.data import Dataset
 
+from lorakit.config import check_choice
 from lorakit.errors import LorakitError
 
 Task = Literal["seq-cls", "causal-lm"]
+TruncationSide = Literal["right", "left"]
+TRUNCATION_SIDES = ("right", "left")
 Record = dict[str, Any]
 
 LINE_KEY = "_line"
@@ -235,7 +245,11 @@ def pad_token_id(tokenizer: Any) -> int:
 
 
 class SeqClsDataset(Dataset):
-    """Tokenised sequence-classification examples: ``{"input_ids": [...], "labels": int}``."""
+    """Tokenised sequence-classification examples: ``{"input_ids": [...], "labels": int}``.
+
+    The tokenizer truncates, so its special tokens (e.g. ``[CLS]``/``[SEP]``) survive on
+    either ``truncation_side``.
+    """
 
     def __init__(
         self,
@@ -244,10 +258,18 @@ class SeqClsDataset(Dataset):
         label_map: dict[str, int],
         max_length: int,
         path: str | Path,
+        truncation_side: TruncationSide = "right",
     ) -> None:
+        check_choice(truncation_side, "truncation_side", TRUNCATION_SIDES)
         labels = encode_labels(records, label_map, path)
         texts = [r["text"] for r in records]
-        encoded = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
+        # The side is tokenizer state, not a call argument: set it for this call only.
+        saved = tokenizer.truncation_side
+        tokenizer.truncation_side = truncation_side
+        try:
+            encoded = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
+        finally:
+            tokenizer.truncation_side = saved
         self.examples = [{"input_ids": ids, "labels": y} for ids, y in zip(encoded, labels)]
 
     def __len__(self) -> int:
@@ -262,13 +284,23 @@ class CausalLMDataset(Dataset):
 
     ``text`` records are trained on every token; ``prompt`` + ``completion`` records only
     on the completion (prompt labels are ``-100``). An EOS token is appended when the
-    tokenizer has one, so the model learns where to stop.
+    tokenizer has one, so the model learns where to stop. ``truncation_side="left"`` keeps
+    the end of a ``text`` and, for ``prompt`` + ``completion``, the whole completion after
+    the prompt's last tokens (a leading BOS token is cut with the prompt's start).
     """
 
     def __init__(
-        self, records: Sequence[Record], tokenizer: Any, max_length: int, path: str | Path
+        self,
+        records: Sequence[Record],
+        tokenizer: Any,
+        max_length: int,
+        path: str | Path,
+        truncation_side: TruncationSide = "right",
     ) -> None:
-        self.examples = [_encode_causal(r, tokenizer, max_length, path) for r in records]
+        check_choice(truncation_side, "truncation_side", TRUNCATION_SIDES)
+        self.examples = [
+            _encode_causal(r, tokenizer, max_length, path, truncation_side) for r in records
+        ]
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -283,21 +315,36 @@ def _with_eos(ids: list[int], tokenizer: Any) -> list[int]:
     return ids if eos is None or (ids and ids[-1] == eos) else ids + [eos]
 
 
+def _truncate(ids: list[int], max_length: int, side: TruncationSide) -> list[int]:
+    """At most ``max_length`` ids: the first ones (``"right"``) or the last (``"left"``)."""
+    return ids[:max_length] if side == "right" else ids[max(0, len(ids) - max_length) :]
+
+
 def _encode_causal(
-    record: Record, tokenizer: Any, max_length: int, path: str | Path
+    record: Record, tokenizer: Any, max_length: int, path: str | Path, side: TruncationSide
 ) -> dict[str, list[int]]:
     """Tokenise one causal-LM record, masking the prompt part of the labels."""
     if _has_value(record, "text"):
-        ids = _with_eos(tokenizer(record["text"])["input_ids"], tokenizer)[:max_length]
+        ids = _with_eos(tokenizer(record["text"])["input_ids"], tokenizer)
+        ids = _truncate(ids, max_length, side)
         return {"input_ids": ids, "labels": list(ids)}
     prompt = tokenizer(record["prompt"])["input_ids"]
     completion = tokenizer(record["completion"], add_special_tokens=False)["input_ids"]
     completion = _with_eos(completion, tokenizer)
-    if len(prompt) >= max_length:
+    where = _where(record, path)
+    if side == "right" and len(prompt) >= max_length:
         raise DataError(
-            f"{_where(record, path)}: prompt is {len(prompt)} tokens, leaving no room for "
-            f"the completion within max_length={max_length}"
+            f"{where}: prompt is {len(prompt)} tokens, leaving no room for the completion "
+            f"within max_length={max_length} (truncation_side='left' cuts the prompt's start)"
         )
+    if side == "left":
+        if len(completion) >= max_length:
+            raise DataError(
+                f"{where}: completion is {len(completion)} tokens, leaving no room for the "
+                f"prompt within max_length={max_length} (truncation_side='left' keeps the "
+                "whole completion)"
+            )
+        prompt = _truncate(prompt, max_length - len(completion), side)
     ids = (prompt + completion)[:max_length]
     labels = ([IGNORE_INDEX] * len(prompt) + completion)[:max_length]
     return {"input_ids": ids, "labels": labels}
@@ -306,13 +353,20 @@ def _encode_causal(
 # --------------------------------------------------------------------------- batching
 
 
-def collate(batch: Sequence[dict[str, Any]], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad a batch to its longest example.
+def collate(
+    batch: Sequence[dict[str, Any]], pad_token_id: int, pad_to: int | None = None
+) -> dict[str, torch.Tensor]:
+    """Right-pad a batch to its longest example, or to ``pad_to`` tokens when given.
 
-    Returns ``input_ids`` and ``attention_mask`` of shape (batch, longest) and ``labels``:
-    shape (batch,) for classification, or (batch, longest) with ``-100`` on padding for LM.
+    Returns ``input_ids`` and ``attention_mask`` of shape (batch, width) and ``labels``:
+    shape (batch,) for classification, or (batch, width) with ``-100`` on padding for LM;
+    width = ``pad_to`` or the longest example's length.
     """
     longest = max(len(ex["input_ids"]) for ex in batch)
+    if pad_to is not None:
+        if longest > pad_to:
+            raise DataError(f"an example has {longest} tokens, more than pad_to={pad_to}")
+        longest = pad_to
     input_ids = torch.full((len(batch), longest), pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((len(batch), longest), dtype=torch.long)
     for row, ex in enumerate(batch):
@@ -337,10 +391,15 @@ def _collate_labels(batch: Sequence[dict[str, Any]], longest: int) -> torch.Tens
 
 
 class Collator:
-    """Picklable ``collate_fn`` for a DataLoader: ``DataLoader(ds, collate_fn=Collator(pad))``."""
+    """Picklable ``collate_fn`` for a DataLoader: ``DataLoader(ds, collate_fn=Collator(pad))``.
 
-    def __init__(self, pad_token_id: int) -> None:
+    ``pad_to=None`` pads each batch to its longest example (dynamic padding); an int pads
+    every batch to exactly that many tokens (fixed shapes, e.g. ``max_length``).
+    """
+
+    def __init__(self, pad_token_id: int, pad_to: int | None = None) -> None:
         self.pad_token_id = pad_token_id
+        self.pad_to = pad_to
 
     def __call__(self, batch: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        return collate(batch, self.pad_token_id)
+        return collate(batch, self.pad_token_id, self.pad_to)

@@ -105,14 +105,15 @@ def _finetune(
         train_records, eval_records = split_eval(train_records, options.eval_fraction, options.seed)
         eval_file = data_file
     label_map = build_label_map(train_records) if task == "seq-cls" else None
-    n = options.max_length
+    n, side = options.max_length, options.truncation_side
     if task == "seq-cls":
-        train_data = SeqClsDataset(train_records, tokenizer, label_map, n, data_file)
-        eval_data = SeqClsDataset(eval_records, tokenizer, label_map, n, eval_file)
+        train_data = SeqClsDataset(train_records, tokenizer, label_map, n, data_file, side)
+        eval_data = SeqClsDataset(eval_records, tokenizer, label_map, n, eval_file, side)
     else:
-        train_data = CausalLMDataset(train_records, tokenizer, n, data_file)
-        eval_data = CausalLMDataset(eval_records, tokenizer, n, eval_file)
+        train_data = CausalLMDataset(train_records, tokenizer, n, data_file, side)
+        eval_data = CausalLMDataset(eval_records, tokenizer, n, eval_file, side)
     pad = pad_token_id(tokenizer)
+    collator = Collator(pad, pad_to=n if options.padding == "max-length" else None)
 
     torch.manual_seed(options.seed)  # the head's and the adapter's initial values
     model = load_model(model_dir, task, label_map)
@@ -123,9 +124,7 @@ def _finetune(
         lora = _with_head(lora, model)
     report = inject(model, lora)
 
-    result = train(
-        model, train_data, eval_data, options, task=task, collate_fn=Collator(pad), env=env
-    )
+    result = train(model, train_data, eval_data, options, task=task, collate_fn=collator, env=env)
     if dump_params:
         Path(dump_params).mkdir(parents=True, exist_ok=True)
         torch.save(trainable_state(model, options.fsdp), Path(dump_params) / f"rank{env.rank}.pt")

@@ -12,14 +12,17 @@ from typing import Literal
 
 from ..config import check_choice
 from ..errors import ConfigError
+from .data import TRUNCATION_SIDES, TruncationSide
 
 Task = Literal["seq-cls", "causal-lm"]
 Schedule = Literal["linear", "cosine", "constant"]
 Progress = Literal["auto", "bar", "lines", "none"]
+Padding = Literal["longest", "max-length"]
 
 TASKS = ("seq-cls", "causal-lm")
 SCHEDULES = ("linear", "cosine", "constant")
 PROGRESS = ("auto", "bar", "lines", "none")
+PADDINGS = ("longest", "max-length")
 
 
 def _positive_int(value: object, option: str, allow_zero: bool = False) -> int:
@@ -47,6 +50,10 @@ class TrainOptions:
         eval_file: held-out file; without it `eval_fraction` of `data` is held out.
         task: "seq-cls" | "causal-lm"; None infers it from the config's `architectures`.
         max_length: tokens per example after truncation.
+        padding: "longest" pads each batch to its longest example; "max-length" pads
+            every batch to `max_length` (fixed shapes).
+        truncation_side: "right" cuts an over-long example's end, "left" its start (for
+            prompt + completion: the prompt's start, keeping the whole completion).
     Optimisation (AdamW; lr warms up linearly for `warmup_steps`, then follows `schedule`
     down to 0 at the last step):
         epochs / max_steps: `max_steps` > 0 wins over `epochs`.
@@ -74,6 +81,8 @@ class TrainOptions:
     task: Task | None = None
     out: str = "runs/finetune"
     max_length: int = 128
+    padding: Padding = "longest"
+    truncation_side: TruncationSide = "right"
     epochs: int = 3
     max_steps: int = 0
     batch_size: int = 32
@@ -99,6 +108,8 @@ class TrainOptions:
             check_choice(self.task, "task", TASKS)
         check_choice(self.schedule, "schedule", SCHEDULES)
         check_choice(self.progress, "progress", PROGRESS)
+        check_choice(self.padding, "padding", PADDINGS)
+        check_choice(self.truncation_side, "truncation_side", TRUNCATION_SIDES)
         if not 0.0 < self.eval_fraction < 1.0 or isinstance(self.eval_fraction, bool):
             raise ConfigError(f"eval_fraction must be in (0, 1), got {self.eval_fraction!r}")
         for name in ("max_length", "epochs", "batch_size", "eval_batch_size", "grad_accum"):
