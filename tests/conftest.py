@@ -97,9 +97,7 @@ LAYER_CASES = [
         _randn(2, 3, 9, 8),
         nn.Conv2d,
     ),
-    LayerCase(
-        "conv3d", _seeded(lambda: nn.Conv3d(2, 3, 2)), _randn(1, 2, 4, 4, 4), nn.Conv3d
-    ),
+    LayerCase("conv3d", _seeded(lambda: nn.Conv3d(2, 3, 2)), _randn(1, 2, 4, 4, 4), nn.Conv3d),
 ]
 
 

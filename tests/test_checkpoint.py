@@ -172,9 +172,7 @@ lorakit.save_adapter(model, folder)
 def _child(tmp_path: Path, *args: str) -> subprocess.Popen:
     script = tmp_path / "child.py"
     script.write_text(textwrap.dedent(_CHILD))
-    return subprocess.Popen(
-        [sys.executable, str(script), *args], stdout=subprocess.PIPE, text=True
-    )
+    return subprocess.Popen([sys.executable, str(script), *args], stdout=subprocess.PIPE, text=True)
 
 
 def _mlp() -> nn.Module:

@@ -96,9 +96,7 @@ def test_pattern_key_matches_suffix_only(name, expected):
 
 
 def test_for_module_applies_overrides_to_matching_modules_only():
-    config = LoraConfig(
-        rank=8, alpha=16, rank_pattern={"q_proj": 4}, alpha_pattern={"v_proj": 2.0}
-    )
+    config = LoraConfig(rank=8, alpha=16, rank_pattern={"q_proj": 4}, alpha_pattern={"v_proj": 2.0})
     q = config.for_module("model.layers.0.self_attn.q_proj")
     v = config.for_module("model.layers.0.self_attn.v_proj")
     k = config.for_module("model.layers.0.self_attn.k_proj")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lorakit.functional import dropout_keep, dropout_mask, fused_lora_linear
+from lorakit.functional import dropout_keep, dropout_mask, fused_lora_linear, merge_pays
 
 IN, OUT = 12, 10
 RTOL = 1e-5
@@ -75,11 +75,12 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("merge", [False, True, None], ids=["thin", "merged", "auto"])
 @pytest.mark.parametrize(("n", "bias", "transposed", "shape", "w_grad", "b_grad"), CASES)
-def test_fused_equals_reference(n, bias, transposed, shape, w_grad, b_grad):
+def test_fused_equals_reference(n, bias, transposed, shape, w_grad, b_grad, merge):
     x, weight, b, As, Bs, scales = _setup(n, bias, transposed, shape, w_grad=w_grad, b_grad=b_grad)
     inputs = (x, weight, b, *As, *Bs)
-    fused = fused_lora_linear(x, weight, b, As, Bs, scales, transposed=transposed)
+    fused = fused_lora_linear(x, weight, b, As, Bs, scales, transposed=transposed, merge=merge)
     plain = _reference(x, weight, b, As, Bs, scales, transposed=transposed)
     assert fused.shape == plain.shape == (*shape, OUT)
     _close(fused, plain)
@@ -96,12 +97,47 @@ def test_no_grad_for_a_frozen_weight():
     assert x.grad is not None and As[0].grad is not None and Bs[0].grad is not None
 
 
-def test_inference_builds_no_graph_and_matches():
-    x, weight, b, As, Bs, scales = _setup(2, True, False, (3, 4))
+@pytest.mark.parametrize("merge", [False, True])
+@pytest.mark.parametrize("transposed", [False, True])
+def test_inference_builds_no_graph_and_matches(merge, transposed):
+    x, weight, b, As, Bs, scales = _setup(2, True, transposed, (3, 4))
     with torch.no_grad():
-        y = fused_lora_linear(x, weight, b, As, Bs, scales)
+        y = fused_lora_linear(x, weight, b, As, Bs, scales, transposed=transposed, merge=merge)
     assert y.grad_fn is None
-    _close(y, _reference(x, weight, b, As, Bs, scales).detach())
+    want = _reference(x, weight, b, As, Bs, scales, transposed=transposed).detach()
+    _close(y, want)
+
+
+@pytest.mark.parametrize(
+    ("tokens", "rows", "cols", "dropout", "dtype", "training", "expected"),
+    [
+        (2048, 512, 512, 0.0, torch.float32, False, True),  # N (in + out) = 8 in out
+        (1024, 512, 512, 0.0, torch.float32, False, True),  # the break-even point, 4 in out
+        (1023, 512, 512, 0.0, torch.float32, False, False),
+        (2048, 512, 512, 0.0, torch.float32, True, False),  # a train step needs h^T anyway
+        (4096, 512, 512, 0.0, torch.float32, True, True),  # 16 in out
+        (1, 4096, 4096, 0.0, torch.float64, False, False),  # decoding one token: thin is cheaper
+        (2048, 512, 512, 0.1, torch.float32, False, False),  # dropout: x differs per adapter
+        (2048, 512, 512, 0.0, torch.bfloat16, False, False),  # 16-bit W' would lose s B A
+        (2048, 512, 512, 0.0, torch.float16, False, False),
+    ],
+)
+def test_merge_pays_only_when_tokens_outweigh_the_weight(
+    tokens, rows, cols, dropout, dtype, training, expected
+):
+    weight = torch.empty(rows, cols, dtype=dtype)
+    assert merge_pays(tokens, weight, (dropout,), training=training) is expected
+
+
+def test_merged_path_is_refused_where_it_would_be_wrong():
+    """merge=True is a request: with dropout or a 16-bit weight the thin path runs anyway."""
+    for dtype, dropout in [(torch.float32, (0.5,)), (torch.bfloat16, (0.0,))]:
+        x, weight, b, As, Bs, scales = _setup(1, False, False, (6,), dtype=dtype)
+        kw = {"dropout": dropout, "seed": 3}
+        with torch.no_grad():
+            forced = fused_lora_linear(x, weight, b, As, Bs, scales, merge=True, **kw)
+            thin = fused_lora_linear(x, weight, b, As, Bs, scales, merge=False, **kw)
+        assert torch.equal(forced, thin)
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5])

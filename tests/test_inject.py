@@ -148,9 +148,7 @@ def test_only_trainable_parameters_get_gradients(model_case: ModelCase, bias: st
 
 def test_modules_to_save_train_in_full():
     model = tiny_bert()
-    report = lorakit.inject(
-        model, LoraConfig(targets="all-linear", modules_to_save=["classifier"])
-    )
+    report = lorakit.inject(model, LoraConfig(targets="all-linear", modules_to_save=["classifier"]))
     assert report.modules_to_save == ("classifier",)
     assert "classifier" not in report.adapted  # saved in full, not adapted
     assert type(model.classifier) is nn.Linear
@@ -340,8 +338,9 @@ def test_lora_model_pickles_and_deepcopies(model_case: ModelCase, tmp_path):
 def test_targets_matching_nothing_names_targets_and_lists_modules():
     model = tiny_llama()
     with pytest.raises(
-        TargetNotFoundError, match=r"targets=\('nope',\) matched no module of LlamaForCausalLM.*"
-        r"modules that exist include \['model', 'model\.embed_tokens'"
+        TargetNotFoundError,
+        match=r"targets=\('nope',\) matched no module of LlamaForCausalLM.*"
+        r"modules that exist include \['model', 'model\.embed_tokens'",
     ):
         lorakit.inject(model, LoraConfig(targets=["nope"]))
     with pytest.raises(TargetNotFoundError, match=r"targets='x\.\*y' matched no module"):
@@ -444,7 +443,6 @@ def test_adapted_subclass_pickles_and_deepcopies(tmp_path):
         assert type(other.fc) is type(model.fc)
         assert torch.equal(other(x), expected)
         assert type(other.fc.restore()) is ScaledLinear
-
 
 
 class Encoder(nn.Module):

@@ -176,7 +176,8 @@ def test_delete_last_adapter_then_restore(layer_case: LayerCase):
 
 
 @pytest.mark.parametrize(
-    "case", [c for c in LAYER_CASES if c.id in ("linear", "gpt2-conv1d", "embedding", "conv2d")],
+    "case",
+    [c for c in LAYER_CASES if c.id in ("linear", "gpt2-conv1d", "embedding", "conv2d")],
     ids=lambda c: c.id,
 )
 @pytest.mark.parametrize(

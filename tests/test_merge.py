@@ -167,8 +167,11 @@ def test_merge_refuses_non_finite_adapter_and_changes_nothing(bad):
     with torch.no_grad():
         layer.lora["default"].lora_B[0, 0] = bad
     before = base_weights(model)
-    with pytest.raises(MergeError, match=r"adapter 'default' of layer 'model\.layers\.1\.self_attn"
-                       r"\.v_proj' holds NaN or inf; nothing was merged"):
+    with pytest.raises(
+        MergeError,
+        match=r"adapter 'default' of layer 'model\.layers\.1\.self_attn"
+        r"\.v_proj' holds NaN or inf; nothing was merged",
+    ):
         lorakit.merge(model)
     for name, value in base_weights(model).items():
         assert torch.equal(value, before[name]), name

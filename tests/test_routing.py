@@ -24,10 +24,20 @@ MODELS: list[tuple[str, Callable[[], nn.Module], dict[str, tuple]]] = [
             "c": (8, ("k_proj", "up_proj", "gate_proj")),
         },
     ),
-    ("gpt2", tiny_gpt2, {"a": (4, ("c_attn",)), "b": (2, ("c_attn", "c_fc", "wte")),
-                         "c": (3, ("c_proj",))}),  # fmt: skip
-    ("bert", tiny_bert, {"a": (4, ("query", "value")), "b": (6, ("dense",)),
-                         "c": (2, ("query", "word_embeddings"))}),  # fmt: skip
+    (
+        "gpt2",
+        tiny_gpt2,
+        {"a": (4, ("c_attn",)), "b": (2, ("c_attn", "c_fc", "wte")), "c": (3, ("c_proj",))},
+    ),  # fmt: skip
+    (
+        "bert",
+        tiny_bert,
+        {
+            "a": (4, ("query", "value")),
+            "b": (6, ("dense",)),
+            "c": (2, ("query", "word_embeddings")),
+        },
+    ),  # fmt: skip
 ]
 ROWS = ["a", None, "b", "c", "a", "b", None]
 

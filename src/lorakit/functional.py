@@ -47,6 +47,15 @@ def merged_weight(weight: Tensor, delta: Tensor, sign: int = 1) -> Tensor:
 # seed instead of storing a dropped copy of x. The big GEMMs (x W^T, g W) accumulate into the
 # buffer the thin rank-r products started (beta = 1), so the low-rank terms cost no extra pass
 # over y or grad_x. What remains is four thin GEMMs per layer, each one pass over x or g.
+#
+# When the tokens outweigh the weight and there is no dropout, the low-rank term is cheaper
+# folded into the weight: W' = W + sum_a s_a B_a A_a costs passes over W, where the thin path
+# costs a pass over x (h^T) and one over y (y += h B^T). Then y = x W'^T, and in training
+# grad_x = g W' (W' computed again in backward, never stored). Measured on a CPU (rank 8,
+# hidden 512 and 1376): in inference it pays from N (in + out) >= 4 in out on; a train step
+# still needs h^T and so saves only the pass over y (and the one over grad_x): it pays from
+# about 16 in out. In float32 and float64 only: in 16-bit formats W' would round the small
+# low-rank term away, so those keep the thin path.
 
 _KEEP_BITS = 16  # resolution of the dropout probability: multiples of 2**-16
 
@@ -101,6 +110,36 @@ def _dropout_scale(p: float) -> float:
     return 1.0 / (1.0 - _keep_threshold(p)[1]) if p > 0 else 1.0
 
 
+_MERGE_DTYPES = (torch.float32, torch.float64)
+
+
+def _merge_allowed(weight: Tensor, dropout: tuple[float, ...]) -> bool:
+    """W' is exact only without dropout and in a wide dtype (see above)."""
+    return not any(dropout) and weight.dtype in _MERGE_DTYPES
+
+
+def merge_pays(
+    n_tokens: int, weight: Tensor, dropout: tuple[float, ...], *, training: bool = False
+) -> bool:
+    """Whether folding the adapters into W' beats adding their thin products (see above)."""
+    if not _merge_allowed(weight, dropout):
+        return False
+    rows, cols = weight.shape  # (out, in) or (in, out): the rule is symmetric
+    return n_tokens * (rows + cols) >= (16 if training else 4) * rows * cols
+
+
+def _merged(
+    weight: Tensor, factors: tuple[Tensor, ...], scales: tuple[float, ...], transposed: bool
+) -> Tensor:
+    """W' = W + sum_a s_a B_a A_a, in W's layout: (out, in), or (in, out) when `transposed`."""
+    merged = weight
+    for i, s in enumerate(scales):
+        A, B = factors[2 * i], factors[2 * i + 1]
+        lhs, rhs = (A.t(), B.t()) if transposed else (B, A)
+        merged = torch.addmm(merged, lhs, rhs, alpha=s)
+    return merged
+
+
 def _fused_forward(
     x: Tensor,
     weight: Tensor,
@@ -110,8 +149,17 @@ def _fused_forward(
     dropout: tuple[float, ...],
     seed: int,
     transposed: bool,
+    merge: bool,
+    keep_h: bool = True,
 ) -> tuple[Tensor, list[Tensor]]:
-    """(y, [h_a^T]) for 2D x (N, in); see the equations above."""
+    """(y, [h_a^T]) for 2D x (N, in); see the equations above. `keep_h`: h^T for a backward."""
+    if merge:
+        w_t = _merged(weight, factors, scales, transposed)
+        w_t = w_t if transposed else w_t.t()
+        y = x @ w_t if bias is None else torch.addmm(bias, x, w_t)
+        if not keep_h:
+            return y, []
+        return y, [(factors[2 * i] @ x.t()).mul_(s) for i, s in enumerate(scales)]
     y = None
     hts = []
     for i, (s, p) in enumerate(zip(scales, dropout)):
@@ -135,10 +183,11 @@ class _FusedLoraLinear(torch.autograd.Function):
     """Autograd node of `fused_lora_linear` on 2D inputs (see the module comment)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, scales, dropout, seed, transposed, *factors):  # noqa: ANN001
-        y, hts = _fused_forward(x, weight, bias, factors, scales, dropout, seed, transposed)
+    def forward(ctx, x, weight, bias, scales, dropout, seed, transposed, merge, *factors):  # noqa: ANN001
+        y, hts = _fused_forward(x, weight, bias, factors, scales, dropout, seed, transposed, merge)
         ctx.save_for_backward(x, weight, *factors, *hts)
         ctx.scales, ctx.dropout, ctx.seed, ctx.transposed = scales, dropout, seed, transposed
+        ctx.merge = merge
         ctx.has_bias = bias is not None
         return y
 
@@ -154,11 +203,14 @@ class _FusedLoraLinear(torch.autograd.Function):
         grad_factors: list[Tensor | None] = []
         for i, (s, p) in enumerate(zip(ctx.scales, ctx.dropout)):
             A, B, ht = factors[2 * i], factors[2 * i + 1], hts[i]
-            need_a, need_bb = need[7 + 2 * i], need[8 + 2 * i]
-            ut = (B.t() @ g.t()).mul_(s * _dropout_scale(p))  # (r, N) = s' (g B)^T
+            need_a, need_bb = need[8 + 2 * i], need[9 + 2 * i]
             grad_b_a = (ht @ g).t() if need_bb else None  # (out, r), while g is still in cache
+            if ctx.merge and not need_a:
+                grad_factors += [None, grad_b_a]
+                continue
+            ut = (B.t() @ g.t()).mul_(s * _dropout_scale(p))  # (r, N) = s' (g B)^T
             dropped = None if p == 0 else _dropped(x.shape, p, ctx.seed + i, x.device)
-            if need_x:
+            if need_x and not ctx.merge:
                 if dropped is not None:
                     term = (ut.t() @ A).masked_fill_(dropped, 0.0)
                     grad_x = term if grad_x is None else grad_x.add_(term)
@@ -171,13 +223,14 @@ class _FusedLoraLinear(torch.autograd.Function):
                 grad_a = ut @ (x if dropped is None else _drop(x, dropped))  # (r, in)
             grad_factors += [grad_a, grad_b_a]
         if need_x:
-            w = weight.t() if ctx.transposed else weight  # (out, in)
+            w = _merged(weight, factors, ctx.scales, ctx.transposed) if ctx.merge else weight
+            w = w.t() if ctx.transposed else w  # (out, in)
             grad_x = g @ w if grad_x is None else grad_x.addmm_(g, w)
         grad_w = None
         if need_w:
             grad_w = x.t() @ g if ctx.transposed else g.t() @ x
         grad_b = g.sum(0) if need_b else None
-        return grad_x, grad_w, grad_b, None, None, None, None, *grad_factors
+        return grad_x, grad_w, grad_b, None, None, None, None, None, *grad_factors
 
 
 def autocast_dtype(device_type: str) -> torch.dtype | None:
@@ -200,6 +253,7 @@ def fused_lora_linear(
     dropout: tuple[float, ...] | None = None,
     seed: int = 0,
     transposed: bool = False,
+    merge: bool | None = None,
 ) -> Tensor:
     """y = x W^T + b + sum_a s_a * B_a(A_a(drop_a(x))), as one autograd node.
 
@@ -210,6 +264,7 @@ def fused_lora_linear(
     Computes in x's dtype (adapter factors are cast to it: a tiny copy, never one of x);
     under autocast, in autocast's dtype.
     Gradients flow to x, A, B, and to weight and bias only when they require grad.
+    `merge` folds the adapters into a transient W' (see above); None decides by `merge_pays`.
     """
     if dropout is None:
         dropout = (0.0,) * len(scales)
@@ -228,6 +283,7 @@ def fused_lora_linear(
                 dropout=dropout,
                 seed=seed,
                 transposed=transposed,
+                merge=merge,
             )
     dtype = x.dtype
     x2 = x.reshape(-1, x.shape[-1])  # a view for contiguous x: nothing copied
@@ -237,8 +293,13 @@ def fused_lora_linear(
     if bias is not None:
         bias = bias.to(dtype)
     tensors = (x2, weight, bias, *factors)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-        y = _FusedLoraLinear.apply(x2, weight, bias, scales, dropout, seed, transposed, *factors)
+    graph = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    if merge is None:
+        merge = merge_pays(x2.shape[0], weight, dropout, training=graph)
+    merge = merge and weight.dtype == dtype and _merge_allowed(weight, dropout)
+    args = (scales, dropout, seed, transposed, merge)
+    if graph:
+        y = _FusedLoraLinear.apply(x2, weight, bias, *args, *factors)
     else:  # inference: the same kernels, and no autograd node to keep anything alive
-        y, _ = _fused_forward(x2, weight, bias, factors, scales, dropout, seed, transposed)
+        y, _ = _fused_forward(x2, weight, bias, factors, *args, keep_h=False)
     return y.view(*x.shape[:-1], y.shape[-1])
