@@ -37,16 +37,18 @@ def merged_weight(weight: Tensor, delta: Tensor, sign: int = 1) -> Tensor:
 # One autograd node per adapted Linear / GPT-2 Conv1D, for N tokens, W (out, in) frozen,
 # k_a the 0/1 dropout keep-mask of adapter a and s'_a = s_a / (1 - p_a):
 #
-#     forward:   h_a^T = s'_a * A_a (k_a * x)^T  (r, N);  y = b + sum_a h_a B_a^T;  y += x W^T
-#     backward:  u_a^T = s'_a * B_a^T g^T  (r, N)
+#     forward:   h_a = s'_a * (k_a * x) A_a^T  (N, r);  y = b + sum_a h_a B_a^T;  y += x W^T
+#     backward:  u_a = s'_a * g B_a  (N, r)
 #                grad_x = sum_a (u_a A_a) * k_a + g W,  grad_A_a = u_a^T (k_a * x),
 #                grad_B_a = (h_a^T g)^T,  grad_b = sum_N g
 #
-# It keeps only x (the caller's tensor, no copy) and each h_a^T (r, N) for the backward, never
-# computes a gradient for W unless W asks for one, and regenerates the dropout masks from a
-# seed instead of storing a dropped copy of x. The big GEMMs (x W^T, g W) accumulate into the
-# buffer the thin rank-r products started (beta = 1), so the low-rank terms cost no extra pass
-# over y or grad_x. What remains is four thin GEMMs per layer, each one pass over x or g.
+# It keeps x (the caller's tensor, no copy), each h_a (N, r) and, with dropout, each mask k_a
+# as booleans (one byte per entry, where a dropped copy of x costs two or four), never
+# computes a gradient for W unless W asks for one. The masks are drawn from a seed by a
+# private generator (four 16-bit draws per 64-bit word). The big GEMMs (x W^T, g W)
+# accumulate into the buffer the thin rank-r products started (beta = 1), so the low-rank
+# terms cost no extra pass over y or grad_x. What remains is four thin GEMMs per layer, each
+# one pass over x or g, laid out (N, r), which runs faster than (r, N) on CPU BLAS.
 #
 # When the tokens outweigh the weight and there is no dropout, the low-rank term is cheaper
 # folded into the weight: W' = W + sum_a s_a B_a A_a costs passes over W, where the thin path
@@ -76,8 +78,8 @@ def dropout_keep(shape: tuple[int, ...], p: float, seed: int, device: torch.devi
 
     Four entries per 64-bit random word (16 bits each), drawn from a private generator
     seeded with `seed`, so the global RNG stream is not consumed; about 4x cheaper than
-    `bernoulli_`, which draws one word per entry. The fused op draws the same bits in forward
-    and again in backward (as the complement, `_dropped`), instead of storing the mask.
+    `bernoulli_`, which draws one word per entry. The fused op draws its masks here (as the
+    complement, `_dropped`) and keeps them as booleans for the backward.
     """
     return ~_dropped(shape, p, seed, device)
 
@@ -150,33 +152,38 @@ def _fused_forward(
     seed: int,
     transposed: bool,
     merge: bool,
-    keep_h: bool = True,
-) -> tuple[Tensor, list[Tensor]]:
-    """(y, [h_a^T]) for 2D x (N, in); see the equations above. `keep_h`: h^T for a backward."""
+    keep: bool = True,
+) -> tuple[Tensor, list[Tensor], list[Tensor | None]]:
+    """(y, [h_a], [dropped_a]) for 2D x (N, in); see the equations above.
+
+    keep: compute h_a (and keep the masks) for a backward; False in inference.
+    """
+    n = len(scales)
     if merge:
         w_t = _merged(weight, factors, scales, transposed)
         w_t = w_t if transposed else w_t.t()
         y = x @ w_t if bias is None else torch.addmm(bias, x, w_t)
-        if not keep_h:
-            return y, []
-        return y, [(factors[2 * i] @ x.t()).mul_(s) for i, s in enumerate(scales)]
+        hs = [(x @ factors[2 * i].t()).mul_(s) for i, s in enumerate(scales)] if keep else []
+        return y, hs, [None] * n
     y = None
-    hts = []
+    hs, drops = [], []
     for i, (s, p) in enumerate(zip(scales, dropout)):
         A, B = factors[2 * i], factors[2 * i + 1]
-        xa = x if p == 0 else _drop(x, _dropped(x.shape, p, seed + i, x.device))
-        ht = (A @ xa.t()).mul_(s * _dropout_scale(p))  # (r, N); s folded in: grad_B = (h^T g)^T
+        dropped = None if p == 0 else _dropped(x.shape, p, seed + i, x.device)
+        xa = x if dropped is None else _drop(x, dropped)
+        h = (xa @ A.t()).mul_(s * _dropout_scale(p))  # (N, r); s folded in: grad_B = (h^T g)^T
         if y is None:
-            y = ht.t() @ B.t() if bias is None else torch.addmm(bias, ht.t(), B.t())
+            y = h @ B.t() if bias is None else torch.addmm(bias, h, B.t())
         else:
-            y.addmm_(ht.t(), B.t())
-        hts.append(ht)
+            y.addmm_(h, B.t())
+        hs.append(h)
+        drops.append(dropped)
     w_t = weight if transposed else weight.t()  # (in, out), a view either way
     if y is None:
         y = x @ w_t if bias is None else torch.addmm(bias, x, w_t)
     else:
         y.addmm_(x, w_t)
-    return y, hts
+    return y, hs, drops
 
 
 class _FusedLoraLinear(torch.autograd.Function):
@@ -184,10 +191,11 @@ class _FusedLoraLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, scales, dropout, seed, transposed, merge, *factors):  # noqa: ANN001
-        y, hts = _fused_forward(x, weight, bias, factors, scales, dropout, seed, transposed, merge)
-        ctx.save_for_backward(x, weight, *factors, *hts)
-        ctx.scales, ctx.dropout, ctx.seed, ctx.transposed = scales, dropout, seed, transposed
-        ctx.merge = merge
+        y, hs, drops = _fused_forward(
+            x, weight, bias, factors, scales, dropout, seed, transposed, merge
+        )
+        ctx.save_for_backward(x, weight, *factors, *hs, *drops)
+        ctx.scales, ctx.dropout, ctx.transposed, ctx.merge = scales, dropout, transposed, merge
         ctx.has_bias = bias is not None
         return y
 
@@ -195,32 +203,31 @@ class _FusedLoraLinear(torch.autograd.Function):
     def backward(ctx, g):  # noqa: ANN001
         x, weight, *rest = ctx.saved_tensors
         n = len(ctx.scales)
-        factors, hts = rest[: 2 * n], rest[2 * n :]
+        factors, hs, drops = rest[: 2 * n], rest[2 * n : 3 * n], rest[3 * n :]
         need = ctx.needs_input_grad
         need_x, need_w, need_b = need[0], need[1], need[2] and ctx.has_bias
         g = g.contiguous()
         grad_x = None
         grad_factors: list[Tensor | None] = []
         for i, (s, p) in enumerate(zip(ctx.scales, ctx.dropout)):
-            A, B, ht = factors[2 * i], factors[2 * i + 1], hts[i]
+            A, B, h, dropped = factors[2 * i], factors[2 * i + 1], hs[i], drops[i]
             need_a, need_bb = need[8 + 2 * i], need[9 + 2 * i]
-            grad_b_a = (ht @ g).t() if need_bb else None  # (out, r), while g is still in cache
+            grad_b_a = (h.t() @ g).t() if need_bb else None  # (out, r), while g is in cache
             if ctx.merge and not need_a:
                 grad_factors += [None, grad_b_a]
                 continue
-            ut = (B.t() @ g.t()).mul_(s * _dropout_scale(p))  # (r, N) = s' (g B)^T
-            dropped = None if p == 0 else _dropped(x.shape, p, ctx.seed + i, x.device)
+            u = (g @ B).mul_(s * _dropout_scale(p))  # (N, r) = s' g B
             if need_x and not ctx.merge:
                 if dropped is not None:
-                    term = (ut.t() @ A).masked_fill_(dropped, 0.0)
+                    term = (u @ A).masked_fill_(dropped, 0.0)
                     grad_x = term if grad_x is None else grad_x.add_(term)
                 elif grad_x is None:
-                    grad_x = ut.t() @ A
+                    grad_x = u @ A
                 else:
-                    grad_x.addmm_(ut.t(), A)
+                    grad_x.addmm_(u, A)
             grad_a = None
             if need_a:
-                grad_a = ut @ (x if dropped is None else _drop(x, dropped))  # (r, in)
+                grad_a = u.t() @ (x if dropped is None else _drop(x, dropped))  # (r, in)
             grad_factors += [grad_a, grad_b_a]
         if need_x:
             w = _merged(weight, factors, ctx.scales, ctx.transposed) if ctx.merge else weight
@@ -260,7 +267,7 @@ def fused_lora_linear(
     x: (..., in); weight: (out, in), or (in, out) with `transposed` (GPT-2's Conv1D);
     bias: (out,) or None; lora_A[a]: (r_a, in); lora_B[a]: (out, r_a); returns (..., out).
     dropout[a] is adapter a's dropout probability (default 0, resolution 2**-16); masks come
-    from `seed + a` (`dropout_keep`) in forward and again in backward: never stored.
+    from `seed + a` (`dropout_keep`), kept as booleans for the backward (never a copy of x).
     Computes in x's dtype (adapter factors are cast to it: a tiny copy, never one of x);
     under autocast, in autocast's dtype.
     Gradients flow to x, A, B, and to weight and bias only when they require grad.
@@ -301,5 +308,5 @@ def fused_lora_linear(
     if graph:
         y = _FusedLoraLinear.apply(x2, weight, bias, *args, *factors)
     else:  # inference: the same kernels, and no autograd node to keep anything alive
-        y, _ = _fused_forward(x2, weight, bias, factors, *args, keep_h=False)
+        y, _, _ = _fused_forward(x2, weight, bias, factors, *args, keep=False)
     return y.view(*x.shape[:-1], y.shape[-1])

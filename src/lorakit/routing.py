@@ -6,7 +6,7 @@ Inside `with routing(model, ["a", None, "b", "a"]):` every adapted layer compute
 
 in tensor ops: per layer, the routed adapters' factors are stacked once (ranks zero-padded
 to the largest, a zero adapter at index 0 for `None` rows), gathered per row by index, and
-applied with two batched matmuls — h = bmm(x, A_rows^T) scaled per row by s, then
+applied with two batched matmuls — h^T = bmm(A_rows, x^T) scaled per row by s, then
 `baddbmm_(h, B_rows^T)` into the base output — no Python loop over rows or adapters.
 """
 
@@ -34,8 +34,9 @@ class _Stacks(NamedTuple):
     """One layer's routed factors: index 0 is the zero adapter, i + 1 its i-th adapter.
 
     a: (n+1, r*in) flat A (for an embedding: the (n+1)*vocab x r lookup table); b: (n+1,
-    out*r) flat B; ranks zero-padded to the largest, r. Flat rows make `index_select` copy
-    long contiguous runs (gathering (r, in) blocks with r = 8 is several times slower).
+    r*out) flat B^T; ranks zero-padded to the largest, r. Flat rows make `index_select` copy
+    long contiguous runs (gathering (r, in) blocks with r = 8 is several times slower), and
+    B^T gathered contiguous is the layout `baddbmm_` runs fastest on.
     """
 
     rows: Tensor  # (batch,) this layer's stack index of each row
@@ -51,7 +52,7 @@ class _Factors(NamedTuple):
 
     index: dict[str, int]
     a: Tensor  # (n+1, r*in), or for an embedding the ((n+1)*vocab, r) table
-    b: Tensor  # (n+1, out*r)
+    b: Tensor  # (n+1, r*out): B^T
     per_adapter: Tensor  # (n+1, 2): scale s and keep probability 1 - p of each adapter
     rank: int
     signature: tuple
@@ -74,9 +75,9 @@ def _stack(layer: LoraLayer, names: tuple[str, ...], signature: tuple = ()) -> _
     rank = max(a.rank for a in adapters)
     # Zero rows of A / columns of B pad every rank to the largest: they add exact zeros.
     a_list = [_pad(a.lora_A.flatten(1), 0, rank) for a in adapters]
-    b_list = [_pad(a.lora_B.reshape(a.out_features, a.rank), 1, rank) for a in adapters]
+    b_list = [_pad(a.lora_B.reshape(a.out_features, a.rank).t(), 0, rank) for a in adapters]
     a_stack = torch.stack([torch.zeros_like(a_list[0]), *a_list])  # (n+1, r, in)
-    b_stack = torch.stack([torch.zeros_like(b_list[0]), *b_list])  # (n+1, out, r)
+    b_stack = torch.stack([torch.zeros_like(b_list[0]), *b_list])  # (n+1, r, out)
     if layer.is_embedding:  # row i * vocab + id of the table is column id of A_i
         a_stack = a_stack.transpose(1, 2).reshape(-1, rank)
     per_adapter = torch.tensor(
@@ -164,10 +165,10 @@ class RowRouting:
         if layer.is_embedding:
             h = _embedding_h(x, st)
         else:
-            h = _linear_h(x.to(st.a.dtype), st, layer.training)
+            h = _linear_ht(x.to(st.a.dtype), st, layer.training).transpose(1, 2)
         h = h * st.scale  # (batch, T, r), each row scaled by its adapter's s
         out = y.shape[-1]
-        bt = torch.index_select(st.b, 0, st.rows).view(batch, out, st.rank).transpose(1, 2)
+        bt = torch.index_select(st.b, 0, st.rows).view(batch, st.rank, out)
         y3 = y.reshape(batch, -1, out)
         if y.dtype == h.dtype and y3.data_ptr() == y.data_ptr() and not _needs_graph(y, h, bt):
             y3.baddbmm_(h, bt)  # in place: no second (batch, T, out) tensor
@@ -185,14 +186,14 @@ def _needs_graph(*tensors: Tensor) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
-def _linear_h(x: Tensor, st: _Stacks, training: bool) -> Tensor:
-    """A_{a_i} drop(x_i) for every row: (batch, T, r), with x (batch, ..., in)."""
+def _linear_ht(x: Tensor, st: _Stacks, training: bool) -> Tensor:
+    """(A_{a_i} drop(x_i)^T) for every row: (batch, r, T), with x (batch, ..., in)."""
     batch = st.rows.shape[0]
     x3 = x.reshape(batch, -1, x.shape[-1])
     if training and bool((st.keep < 1).any()):
         x3 = x3 * (torch.rand_like(x3) < st.keep) / st.keep  # each row its adapter's dropout
     a = torch.index_select(st.a, 0, st.rows).view(batch, st.rank, x3.shape[-1])
-    return torch.bmm(x3, a.transpose(1, 2))
+    return torch.bmm(a, x3.transpose(1, 2))
 
 
 def _embedding_h(ids: Tensor, st: _Stacks) -> Tensor:

@@ -17,7 +17,7 @@ class LinearLora(LoraLayer):
 
     `forward` takes the fused fast path (`functional.fused_lora_linear`: one autograd node,
     the low-rank product added into the base output in place, no gradient for W, dropout
-    masks regenerated rather than stored) whenever it computes what the plain path
+    masks kept as booleans rather than a dropped copy of x) whenever it computes what the plain path
     `LoraLayer.forward` would (equal to rounding in float32), and falls back to the plain path
     otherwise: routing, disabled, everything merged, a base subclass with its own forward, an
     adapter subclass, dropout under torch.compile. One difference by design: with adapters in
