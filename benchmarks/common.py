@@ -147,6 +147,15 @@ def median(xs: list[float]) -> float:
     return statistics.median(xs)
 
 
+def paired_ratio(times: dict[str, list[float]], name: str, ref: str) -> float:
+    """Median over rounds of name's time / ref's time in the same round.
+
+    Variants of one round run back to back, so a machine that speeds up or slows down between
+    rounds (other jobs on a shared host) moves both alike and the ratio cancels it.
+    """
+    return statistics.median(a / b for a, b in zip(times[name], times[ref]))
+
+
 # -- memory: one fresh process per variant ---------------------------------------------------
 #
 # CPU tensors come from glibc malloc. With MALLOC_MMAP_THRESHOLD_ fixed at 64 KiB every large

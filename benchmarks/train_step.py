@@ -37,6 +37,7 @@ from common import (  # noqa: E402
     measure_memory,
     median,
     memory_child,
+    paired_ratio,
     table,
     train_step,
 )
@@ -183,21 +184,26 @@ def main() -> None:
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
         f"{platform.processor() or platform.machine()}, load average {_load()} at start"
     )
-    print(f"workload: {w.label()}; median of {reps} interleaved rounds, {args.clock} clock\n")
+    print(
+        f"workload: {w.label()}; {reps} interleaved rounds, {args.clock} clock; times: medians, "
+        "ratios: medians of per-round ratios\n"
+    )
 
     train_raw = train_section(w, reps, args.clock)
     train = {n: median(t) for n, t in train_raw.items()}
-    floor, peft_t = train["floor"], train["peft"]
     rows = [("train step", "ms", "/ floor", "/ PEFT (same dropout)")]
     for name, t in train.items():
-        ref = train["peft dropout 0.1"] if "dropout" in name else peft_t
-        rows.append((name, f"{t * 1e3:.0f}", f"{t / floor:.3f}", f"{t / ref:.3f}"))
+        ref = "peft dropout 0.1" if "dropout" in name else "peft"
+        ratios = (paired_ratio(train_raw, name, "floor"), paired_ratio(train_raw, name, ref))
+        rows.append((name, f"{t * 1e3:.0f}", *(f"{r:.3f}" for r in ratios)))
     print(table(rows), "\n")
 
     infer_raw = infer_section(w, 3 * reps, args.clock)  # short calls: more rounds, same time
     infer = {n: median(t) for n, t in infer_raw.items()}
     rows = [(f"inference (no_grad forward, {3 * reps} rounds)", "ms", "/ base")]
-    rows += [(n, f"{t * 1e3:.0f}", f"{t / infer['base']:.3f}") for n, t in infer.items()]
+    rows += [
+        (n, f"{t * 1e3:.0f}", f"{paired_ratio(infer_raw, n, 'base'):.3f}") for n, t in infer.items()
+    ]
     print(table(rows), "\n")
 
     print("memory: peak resident memory of one train step above the resting process (MiB)")
@@ -240,15 +246,9 @@ def main() -> None:
     sweeps = sweep_section(workloads, reps, args.clock)
     rows = [("sweep", "lorakit / floor", "PEFT / floor", "lorakit / PEFT")]
     for s in sweeps:
-        wl, t = Workload(**s["workload"]), s["seconds"]
-        rows.append(
-            (
-                wl.label(),
-                f"{t['lorakit'] / t['floor']:.3f}",
-                f"{t['peft'] / t['floor']:.3f}",
-                f"{t['lorakit'] / t['peft']:.3f}",
-            )
-        )
+        wl, raw = Workload(**s["workload"]), s["raw_seconds"]
+        pairs = (("lorakit", "floor"), ("peft", "floor"), ("lorakit", "peft"))
+        rows.append((wl.label(), *(f"{paired_ratio(raw, a, b):.3f}" for a, b in pairs)))
     print(table(rows), "\n")
 
     print(f"load average {_load()} at the end (other processes share these cores)")
