@@ -216,3 +216,26 @@ def test_autocast_computes_in_the_autocast_dtype():
     _close(y.float(), _reference(x, weight, b, As, Bs, scales).detach(), rtol=3e-2)
     y.float().sum().backward()
     assert x.grad.dtype == torch.float32 and As[0].grad.dtype == torch.float32
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_backward_keeps_x_itself_thin_products_and_byte_masks(dropout):
+    """Saved for backward: x (the caller's tensor), (N, r) products, with dropout a bool mask."""
+    tokens, rank = 64, 4
+    x = _leaf(tokens, IN)
+    weight = torch.randn(OUT, IN)
+    A, B = _leaf(rank, IN), _leaf(OUT, rank)
+    saved: list[torch.Tensor] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = fused_lora_linear(x, weight, None, (A,), (B,), (2.0,), dropout=(dropout,), merge=False)
+    big = [t for t in saved if t.numel() >= tokens * IN]
+    assert [t.data_ptr() for t in big if t.is_floating_point()] == [x.data_ptr()]
+    assert [t.dtype for t in big if not t.is_floating_point()] == ([torch.bool] if dropout else [])
+    assert any(t.shape == (tokens, rank) for t in saved)
+    y.sum().backward()
+    assert x.grad is not None and A.grad is not None and B.grad is not None
