@@ -11,13 +11,12 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from tiny_hf import bert_config, llama_config
 from torch import nn
 from transformers import (
-    BertConfig,
     BertForSequenceClassification,
     GPT2Config,
     GPT2LMHeadModel,
-    LlamaConfig,
     LlamaForCausalLM,
 )
 from transformers.pytorch_utils import Conv1D
@@ -127,17 +126,7 @@ def tiny_mlp() -> nn.Module:
 
 def tiny_llama() -> nn.Module:
     torch.manual_seed(SEED)
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=HIDDEN,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=False,
-    )
-    return LlamaForCausalLM(config).eval()
+    return LlamaForCausalLM(llama_config(VOCAB)).eval()
 
 
 def tiny_gpt2() -> nn.Module:
@@ -159,18 +148,7 @@ def tiny_gpt2() -> nn.Module:
 
 def tiny_bert() -> nn.Module:
     torch.manual_seed(SEED)
-    config = BertConfig(
-        vocab_size=VOCAB,
-        hidden_size=HIDDEN,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=64,
-        num_labels=3,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    )
-    return BertForSequenceClassification(config).eval()
+    return BertForSequenceClassification(bert_config(VOCAB, num_labels=3)).eval()
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,36 @@ def copy_tokenizer(folder: Path) -> int:
     return sum(1 for _ in open(source / "vocab.txt", encoding="utf-8"))
 
 
+def llama_config(vocab: int, **overrides: object):
+    """The tests' tiny Llama: hidden 32, 2 layers, 4 heads (2 key/value heads), MLP 64."""
+    from transformers import LlamaConfig
+
+    sizes = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+    return LlamaConfig(
+        vocab_size=vocab,
+        **sizes,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+        **overrides,
+    )
+
+
+def bert_config(vocab: int, dropout: float = 0.0, **overrides: object):
+    """The tests' tiny BERT: hidden 32, 2 layers, 4 heads, MLP 64."""
+    from transformers import BertConfig
+
+    sizes = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+    return BertConfig(
+        vocab_size=vocab,
+        **sizes,
+        max_position_embeddings=64,
+        hidden_dropout_prob=dropout,
+        attention_probs_dropout_prob=dropout,
+        **overrides,
+    )
+
+
 def tiny_model(
     folder: Path,
     kind: str = "bert-seq-cls",
@@ -47,42 +77,15 @@ def tiny_model(
     float64 models make equivalence tests (accumulation, DDP) immune to Adam amplifying
     float32 rounding where a gradient is a cancellation near zero.
     """
-    from transformers import (
-        BertConfig,
-        BertForSequenceClassification,
-        BertModel,
-        LlamaConfig,
-        LlamaForCausalLM,
-    )
+    from transformers import BertForSequenceClassification, BertModel, LlamaForCausalLM
 
     vocab = copy_tokenizer(folder)
     torch.manual_seed(0)
     if kind.startswith("bert"):
-        config = BertConfig(
-            vocab_size=vocab,
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            intermediate_size=64,
-            max_position_embeddings=64,
-            hidden_dropout_prob=dropout,
-            attention_probs_dropout_prob=dropout,
-        )
         cls = BertForSequenceClassification if kind == "bert-seq-cls" else BertModel
-        model = cls(config)
+        model = cls(bert_config(vocab, dropout))
     elif kind == "llama-causal":
-        config = LlamaConfig(
-            vocab_size=vocab,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=64,
-            tie_word_embeddings=False,
-            pad_token_id=0,
-        )
-        model = LlamaForCausalLM(config)
+        model = LlamaForCausalLM(llama_config(vocab, pad_token_id=0))
     else:
         raise ValueError(kind)
     model.to(dtype).save_pretrained(folder)
