@@ -1,5 +1,6 @@
 """FSDP2 (`fully_shard`) under a real `torchrun` on CPU (gloo): stopped after 2 steps and
-resumed to 3, it ends where one process ends, with full tensors in the adapter file."""
+resumed to 3, it ends where one process ends, with full tensors in the adapter file; with
+gradient accumulation (synchronised once per step) it ends there too."""
 
 from __future__ import annotations
 
@@ -54,3 +55,18 @@ def test_fsdp_adapter_file_holds_the_full_tensors(
     for key in a:
         assert a[key].shape == b[key].shape, key  # not a shard
         torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=0, msg=key)
+
+
+@pytest.mark.parametrize("fsdp", [True, False], ids=["fsdp", "ddp"])
+def test_gradient_accumulation_matches_one_process(
+    fsdp: bool, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """2 ranks x 2 micro-batches x 2 examples (synchronised on the last micro-batch only) =
+    the single process's 8 examples per step."""
+    tmp, model, data = shared_inputs(tmp_path_factory)
+    out = tmp / f"accum-{'fsdp' if fsdp else 'ddp'}"
+    extra = ("--grad-accum", "2", *(("--fsdp",) if fsdp else ()))
+    done = torchrun(args(model, data, out, PER_RANK_BATCH // 2, *extra))
+    assert done.returncode == 0, done.stderr[-3000:]
+    one = single_reference(tmp_path_factory)
+    assert max_diff(load(out / "dump" / "rank0.pt"), load(one / "dump" / "rank0.pt")) <= 1e-5

@@ -294,8 +294,12 @@ def _count_tokens(inputs: dict[str, torch.Tensor]) -> int:
 
 @contextlib.contextmanager
 def _no_sync(model: nn.Module, sync: bool) -> Iterator[None]:
-    """Skip DDP's gradient all-reduce on all but the last micro-batch of a step."""
-    if sync or not hasattr(model, "no_sync"):
+    """Skip the gradient all-reduce (DDP) or reduce-scatter (FSDP2) on all but the last
+    micro-batch of a step: gradients add up locally and are synchronised once."""
+    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2's fully_shard
+        model.set_requires_gradient_sync(sync)
+        yield
+    elif sync or not hasattr(model, "no_sync"):
         yield
     else:
         with model.no_sync():
