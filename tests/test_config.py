@@ -175,3 +175,12 @@ def test_errors_subclass_builtin_errors(error, bases):
     assert issubclass(error, LorakitError)
     for base in bases:
         assert issubclass(error, base)
+
+
+def test_configs_are_hashable_and_hash_by_value():
+    a = LoraConfig(rank=4, rank_pattern={"q": 8, "v": 2}, alpha_pattern={"q": 4.0})
+    same = LoraConfig(rank=4, rank_pattern={"v": 2, "q": 8}, alpha_pattern={"q": 4})
+    other = LoraConfig(rank=4, rank_pattern={"q": 8, "v": 4}, alpha_pattern={"q": 4.0})
+    assert a == same and hash(a) == hash(same)
+    assert len({a, same, other, LoraConfig()}) == 3
+    assert {a: "adapter"}[same] == "adapter"

@@ -163,6 +163,13 @@ class LoraConfig:
         check_choice(self.init, "init", _INIT)
         set_(self, "dtype", _as_dtype(self.dtype))
 
+    def __hash__(self) -> int:
+        """Hashable (a dict key, a set member) although the patterns are dicts: they hash as
+        sorted item tuples. Equal configs hash equal; do not edit a pattern in place."""
+        values = (getattr(self, f.name) for f in dataclasses.fields(self))
+        frozen = (tuple(sorted(v.items())) if isinstance(v, Mapping) else v for v in values)
+        return hash(tuple(frozen))
+
     def for_module(self, module_name: str) -> LoraConfig:
         """This config with `rank_pattern` / `alpha_pattern` applied for `module_name`."""
         rank_key = pattern_key(self.rank_pattern, module_name)
