@@ -11,6 +11,7 @@ from transformers.pytorch_utils import Conv1D
 import lorakit
 import lorakit.layers.linear as linear_module
 from lorakit import LoraConfig, LoraLayer, inject
+from lorakit.functional import merge_pays
 
 RTOL = 1e-5
 
@@ -183,6 +184,42 @@ def test_bf16_layer_with_float32_adapters_smoke():
     grads = [p.grad for p in _params(layer)]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
     assert layer.lora["a0"].lora_A.grad.dtype == torch.float32
+
+
+DTYPE_CASES = [
+    # (layer dtype, tolerance against float64, tokens: 4 take the thin path, 128 the fold)
+    (torch.float64, 1e-12, 4),
+    (torch.float64, 1e-12, 128),
+    (torch.float32, 1e-5, 4),
+    (torch.float32, 1e-5, 128),
+    (torch.bfloat16, 3e-2, 128),  # 16-bit: always thin
+    (torch.float16, 3e-3, 128),
+]
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+@pytest.mark.parametrize(("dtype", "rtol", "tokens"), DTYPE_CASES)
+def test_fast_path_in_every_float_dtype_matches_float64(kind, dtype, rtol, tokens):
+    """The whole layer (base, adapters, inputs) in one dtype: outputs and every gradient
+    agree with the same layer in float64, to that dtype's rounding."""
+    layer = _adapted(kind, True, 2, "none").to(dtype)
+    exact = _adapted(kind, True, 2, "none").double()
+    folds = tokens == 128 and dtype in (torch.float32, torch.float64)
+    assert merge_pays(tokens, layer.weight, (0.0,), training=True) is folds
+    torch.manual_seed(3)
+    x64 = torch.randn(tokens, 12, dtype=torch.float64)
+    x = x64.to(dtype).clone().requires_grad_()
+    x_exact = x64.clone().requires_grad_()
+    g = torch.randn(tokens, 10, dtype=torch.float64)
+    y, y_exact = layer(x), exact(x_exact)
+    assert y.dtype == dtype
+    _close(y, y_exact, rtol)
+    y.backward(g.to(dtype))
+    y_exact.backward(g)
+    _close(x.grad, x_exact.grad, rtol)
+    for got, want in zip(_params(layer), _params(exact)):
+        assert got.grad.dtype == dtype
+        _close(got.grad, want.grad, rtol * 10)  # sums over tokens: more roundings
 
 
 def test_compile_fullgraph_on_an_adapted_block():
