@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from tiny_hf import completion_records, sentiment_records, tiny_model, write_jsonl
 
 import lorakit
@@ -162,11 +163,39 @@ def test_warmup_then_decay(schedule: str, expected: list[float | None]) -> None:
         ({"keep_checkpoints": 0}, r"keep_checkpoints must be at least 1"),
         ({"padding": "max_length"}, r"padding must be one of .*'max_length'"),
         ({"truncation_side": "middle"}, r"truncation_side must be one of .*'middle'"),
+        ({"precision": "fp16"}, r"precision must be one of .*'fp16'"),
+        ({"precision": "bf16", "fsdp": True}, r"precision='bf16' with fsdp is not supported"),
     ],
 )
 def test_bad_options_name_the_option(kwargs: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         TrainOptions(**kwargs)
+
+
+@pytest.mark.parametrize("kind", ["seq-cls", "causal-lm"])
+def test_bf16_precision_trains_float32_adapters_on_a_bf16_base(
+    tmp_path: Path, bert_dir: Path, llama_dir: Path, kind: str
+) -> None:
+    """The base loads in bf16 and what trains stays float32. The seq-cls head (float32, fed
+    bf16 hidden states) only runs under autocast, so that run finishing shows every forward
+    (training and eval) had it."""
+    if kind == "seq-cls":
+        model_dir, data = bert_dir, write_jsonl(tmp_path / "d.jsonl", sentiment_records(48))
+    else:
+        model_dir, data = llama_dir, write_jsonl(tmp_path / "d.jsonl", completion_records(48))
+    result = finetune(_options(tmp_path, model_dir, data, precision="bf16"))
+    params = dict(result.model.named_parameters())
+    trained = {n for n, p in params.items() if p.requires_grad}
+    assert trained and all(params[n].dtype == torch.float32 for n in trained)
+    frozen = [p.dtype for n, p in params.items() if n not in trained]
+    assert frozen and set(frozen) == {torch.bfloat16}
+    if kind == "seq-cls":
+        assert any(n.startswith("classifier.") for n in trained)  # upcast modules_to_save
+    losses = [r["loss"] for r in read_metrics(tmp_path / "out" / "metrics.jsonl") if "loss" in r]
+    assert losses and all(math.isfinite(v) for v in losses)
+    assert all(math.isfinite(v) for v in result.train.eval_after.values())
+    tensors = load_file(result.adapter / "adapter_model.safetensors")
+    assert tensors and {t.dtype for t in tensors.values()} == {torch.float32}
 
 
 def test_causal_eval_loss_is_the_models_own_loss(llama_dir: Path) -> None:

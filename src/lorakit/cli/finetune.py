@@ -11,6 +11,7 @@ import argparse
 from ..config import LoraConfig
 from ..train.data import TRUNCATION_SIDES
 from ..train.options import PADDINGS, PROGRESS, SCHEDULES, TASKS, TrainOptions
+from ..train.precision import PRECISIONS
 
 
 def _names(value: str) -> tuple[str, ...] | str:
@@ -157,6 +158,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
     g.add_argument("--fsdp", action="store_true", help="shard the base with FSDP2 (torchrun)")
     g.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default=d.precision,
+        help="bf16: base in bfloat16, forwards under autocast, adapters and heads trained "
+        "in float32 (default: %(default)s)",
+    )
+    g.add_argument(
         "--threads",
         type=int,
         default=d.threads,
@@ -199,6 +207,7 @@ def options_from_args(args: argparse.Namespace) -> tuple[TrainOptions, LoraConfi
         keep_checkpoints=args.keep_checkpoints,
         resume=args.resume,
         fsdp=args.fsdp,
+        precision=args.precision,
         threads=args.threads,
         progress=args.progress,
     )

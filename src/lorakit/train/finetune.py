@@ -32,6 +32,7 @@ from .evaluate import METRIC, majority_accuracy
 from .loop import TrainResult, train
 from .model import infer_task, load_model, load_tokenizer, read_model_config
 from .options import Task, TrainOptions
+from .precision import load_dtype, upcast
 from .report import PLOT_FILE, plot, table
 from .state import trainable_state
 
@@ -116,13 +117,15 @@ def _finetune(
     collator = Collator(pad, pad_to=n if options.padding == "max-length" else None)
 
     torch.manual_seed(options.seed)  # the head's and the adapter's initial values
-    model = load_model(model_dir, task, label_map)
+    model = load_model(model_dir, task, label_map, load_dtype(options.precision))
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = pad  # seq-cls heads find the last real token with it
     lora = lora or DEFAULT_LORA
     if task == "seq-cls" and not lora.modules_to_save:
         lora = _with_head(lora, model)
     report = inject(model, lora)
+    if options.precision == "bf16":
+        upcast([model.get_submodule(path) for path in report.modules_to_save])
 
     result = train(model, train_data, eval_data, options, task=task, collate_fn=collator, env=env)
     if dump_params:

@@ -25,6 +25,7 @@ from ..errors import LorakitError
 from .distributed import DistEnv, all_sum, barrier, unwrap, wrap_model
 from .evaluate import evaluate
 from .options import Task, TrainOptions
+from .precision import autocast
 from .report import MetricsLog, Progress
 from .state import Position, checkpoint_dir, latest_checkpoint, load_checkpoint, save_checkpoint
 
@@ -138,7 +139,8 @@ def train(
         if eval_data is None or len(eval_data) == 0:
             return {}
         target = base if options.fsdp else unwrap(wrapped)
-        return evaluate(target, eval_data, task, collate_fn, env, options.eval_batch_size)
+        with autocast(options.precision, env.device):
+            return evaluate(target, eval_data, task, collate_fn, env, options.eval_batch_size)
 
     resume_from = latest_checkpoint(out) if options.resume else None
     if resume_from is not None:
@@ -210,7 +212,8 @@ def train(
                     }
                     sync = i == len(window) - 1
                     with _no_sync(wrapped, sync):
-                        loss = wrapped(**inputs).loss
+                        with autocast(options.precision, env.device):
+                            loss = wrapped(**inputs).loss
                         (loss / len(window)).backward()
                     value = loss.item()
                     bad = bad or not math.isfinite(value)

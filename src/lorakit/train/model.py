@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from ..errors import ConfigError
@@ -70,12 +71,15 @@ def load_tokenizer(model_dir: str | Path) -> Any:
 
 
 def load_model(
-    model_dir: str | Path, task: Task, label_map: dict[str, int] | None = None
+    model_dir: str | Path,
+    task: Task,
+    label_map: dict[str, int] | None = None,
+    dtype: torch.dtype | None = None,
 ) -> nn.Module:
     """The base model for `task`, from local files only (no network).
 
     seq-cls gets a sequence-classification head sized by `label_map` (label -> id);
-    causal-lm a language-model head.
+    causal-lm a language-model head. dtype: load in it; None keeps the checkpoint's.
     """
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
@@ -83,17 +87,20 @@ def load_model(
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the "newly initialized classifier" report is expected
     hf_logging.disable_progress_bar()
+    common: dict[str, Any] = {"local_files_only": True}
+    if dtype is not None:
+        common["dtype"] = dtype
     try:
         if task == "seq-cls":
             labels = label_map or {}
             return AutoModelForSequenceClassification.from_pretrained(
                 str(model_dir),
-                local_files_only=True,
+                **common,
                 num_labels=len(labels),
                 id2label={i: label for label, i in labels.items()},
                 label2id=dict(labels),
             )
-        return AutoModelForCausalLM.from_pretrained(str(model_dir), local_files_only=True)
+        return AutoModelForCausalLM.from_pretrained(str(model_dir), **common)
     except (OSError, ValueError) as err:
         raise ConfigError(f"cannot load a {task} model from {str(model_dir)!r}: {err}") from None
     finally:

@@ -13,6 +13,7 @@ from typing import Literal
 from ..config import check_choice
 from ..errors import ConfigError
 from .data import TRUNCATION_SIDES, TruncationSide
+from .precision import PRECISIONS, Precision
 
 Task = Literal["seq-cls", "causal-lm"]
 Schedule = Literal["linear", "cosine", "constant"]
@@ -66,6 +67,8 @@ class TrainOptions:
         keep_checkpoints: how many recent checkpoints stay on disk.
         resume: continue from the newest checkpoint in `out`.
         fsdp: shard the base with FSDP2 `fully_shard` (needs torchrun).
+        precision: "fp32", or "bf16": the base loaded in bfloat16 and every forward under
+            autocast, adapters and modules_to_save kept in float32 (`train.precision`).
         threads: torch intra-op threads; 0: torch's default, except for the built-in demo,
             which uses 1 (its batches are 32 words of ~3 tokens: a second thread gains little
             and, on a machine busy with other work, makes each step several times slower).
@@ -100,6 +103,7 @@ class TrainOptions:
     keep_checkpoints: int = 2
     resume: bool = False
     fsdp: bool = False
+    precision: Precision = "fp32"
     threads: int = 0
     progress: Progress = "auto"
 
@@ -110,6 +114,13 @@ class TrainOptions:
         check_choice(self.progress, "progress", PROGRESS)
         check_choice(self.padding, "padding", PADDINGS)
         check_choice(self.truncation_side, "truncation_side", TRUNCATION_SIDES)
+        check_choice(self.precision, "precision", PRECISIONS)
+        if self.precision == "bf16" and self.fsdp:
+            raise ConfigError(
+                "precision='bf16' with fsdp is not supported: an FSDP2 shard holds one "
+                "parameter dtype, and bf16 mixes a bfloat16 base with float32 adapters; use "
+                "DDP (no --fsdp) or precision='fp32'"
+            )
         if not 0.0 < self.eval_fraction < 1.0 or isinstance(self.eval_fraction, bool):
             raise ConfigError(f"eval_fraction must be in (0, 1), got {self.eval_fraction!r}")
         for name in ("max_length", "epochs", "batch_size", "eval_batch_size", "grad_accum"):
