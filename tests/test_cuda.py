@@ -1,0 +1,102 @@
+"""The fast path, merge and routing on a CUDA device (skipped where there is none).
+
+CI has no GPU: these run in the GPU sessions (`benchmarks/gpu_run.sh`), against the same
+float64 CPU reference the CPU tests use.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import randomise_lora, tiny_llama
+from torch import nn
+
+import lorakit
+from lorakit.functional import dropout_mask, fused_lora_linear
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+CUDA = torch.device("cuda")
+
+
+def _rel(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    actual, expected = actual.detach(), expected.detach()
+    err = (actual.double().cpu() - expected.double().cpu()).abs().max()
+    return float(err / expected.double().abs().max().clamp_min(1e-12))
+
+
+@pytest.mark.parametrize("merge", [False, True])
+@pytest.mark.parametrize(
+    ("dtype", "rtol"), [(torch.float32, 1e-5), (torch.bfloat16, 3e-2), (torch.float16, 3e-3)]
+)
+@pytest.mark.parametrize("transposed", [False, True])
+def test_fused_op_on_cuda_matches_float64(dtype, rtol, transposed, merge):
+    torch.manual_seed(0)
+    n, d_in, d_out, r = 256, 64, 48, 8
+    x64 = torch.randn(n, d_in, dtype=torch.float64)
+    w64 = torch.randn(d_in, d_out) if transposed else torch.randn(d_out, d_in)
+    w64 = w64.double() / 8
+    a64, b64 = torch.randn(r, d_in).double() / 8, torch.randn(d_out, r).double() / 8
+    g64 = torch.randn(n, d_out, dtype=torch.float64)
+
+    def run(device, dt):
+        x = x64.to(device, dt).requires_grad_()
+        a, b = a64.to(device, dt).requires_grad_(), b64.to(device, dt).requires_grad_()
+        y = fused_lora_linear(
+            x, w64.to(device, dt), None, (a,), (b,), (2.0,), transposed=transposed, merge=merge
+        )
+        y.backward(g64.to(device, dt))
+        return y, x.grad, a.grad, b.grad
+
+    for got, want in zip(run(CUDA, dtype), run("cpu", torch.float64)):
+        assert got.device.type == "cuda" and got.dtype == dtype
+        assert _rel(got, want) <= rtol * (10 if got.shape[0] != n else 1)
+
+
+def test_dropout_masks_on_cuda_are_seeded_and_have_the_right_rate():
+    mask = dropout_mask((1000, 500), 0.1, seed=3, device=CUDA, dtype=torch.float32)
+    assert mask.device.type == "cuda"
+    assert abs(float((mask == 0).float().mean()) - 0.1) < 0.005
+    assert abs(float(mask.mean()) - 1.0) < 0.01
+    again = dropout_mask((1000, 500), 0.1, seed=3, device=CUDA, dtype=torch.float32)
+    assert torch.equal(mask, again)
+
+
+def test_llama_on_cuda_bf16_trains_merges_and_routes():
+    model = tiny_llama().to(CUDA, torch.bfloat16)
+    lorakit.inject(model, lorakit.LoraConfig(rank=4, dropout=0.1), adapter_name="a")
+    lorakit.inject(model, lorakit.LoraConfig(rank=4), adapter_name="b")
+    randomise_lora(model)
+    ids = torch.randint(0, 100, (4, 12), device=CUDA)
+    lorakit.set_active(model, "a")
+    model.train()
+    model(ids, labels=ids).loss.backward()
+    trained = [p for n, p in model.named_parameters() if ".lora.a." in n]
+    assert trained and all(p.grad is not None and torch.isfinite(p.grad).all() for p in trained)
+    assert all(p.dtype == torch.float32 for p in trained)  # adapters keep their own dtype
+    model.eval()
+    with torch.no_grad():
+        adapted = model(ids).logits.float()
+        lorakit.merge(model)
+        merged = model(ids).logits.float()
+        lorakit.unmerge(model)
+        rows = ["a", "b", None, "a"]
+        with lorakit.routing(model, rows):
+            routed = model(ids).logits.float()
+        lorakit.set_active(model, "b")
+        only_b = model(ids[1:2]).logits.float()
+    assert _rel(merged, adapted) < 3e-2  # bf16 weights round the merged sum
+    assert _rel(routed[0:1], adapted[0:1]) < 3e-2
+    assert _rel(routed[1:2], only_b) < 3e-2
+
+
+def test_compile_fullgraph_on_cuda():
+    torch.manual_seed(0)
+    block = nn.Sequential(nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 64)).to(CUDA)
+    lorakit.inject(block, lorakit.LoraConfig(rank=8, targets=("0", "2")))
+    randomise_lora(block)
+    x = torch.randn(32, 64, device=CUDA, requires_grad=True)
+    eager = block(x)
+    compiled = torch.compile(block, fullgraph=True)(x)
+    assert _rel(compiled, eager) < 1e-4
+    compiled.sum().backward()
+    assert all(p.grad is not None for p in block.parameters() if p.requires_grad)
