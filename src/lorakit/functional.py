@@ -240,9 +240,14 @@ class _FusedLoraLinear(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None, None, None, None, None, *grad_factors
 
 
+_AUTOCAST_DEVICES = ("cpu", "cuda")
+
+
 def autocast_dtype(device_type: str) -> torch.dtype | None:
     """The dtype autocast computes in on `device_type`, or None when autocast is off there."""
-    if not torch.amp.is_autocast_available(device_type):  # e.g. "meta"
+    # CPU and CUDA always have autocast; asking only for others (e.g. "meta", which has none)
+    # keeps torch.compile tracing: dynamo 2.11 cannot trace `is_autocast_available`.
+    if device_type not in _AUTOCAST_DEVICES and not torch.amp.is_autocast_available(device_type):
         return None
     if not torch.is_autocast_enabled(device_type):
         return None
