@@ -94,6 +94,29 @@ def make_variant(name: str, base: nn.Module, w: Workload) -> nn.Module:
     return model
 
 
+def randomise_b(model: nn.Module) -> nn.Module:
+    """Non-zero B everywhere, so no path can skip work on an all-zero adapter."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:  # benchmark-only shortcut: both libraries name B this way
+                p.normal_(0, 0.01)
+    return model
+
+
+def inference_variants(base: nn.Module, w: Workload) -> dict[str, nn.Module]:
+    """base, lorakit unmerged / merged, PEFT unmerged: eval mode, non-zero adapters."""
+    models = {
+        "base": make_variant("floor", base, w),
+        "lorakit unmerged": make_variant("lorakit", base, w),
+        "lorakit merged": make_variant("lorakit", base, w),
+        "peft unmerged": make_variant("peft", base, w),
+    }
+    for model in models.values():
+        randomise_b(model.eval())
+    lorakit.merge(models["lorakit merged"])
+    return models
+
+
 def train_step(model: nn.Module, ids: torch.Tensor, floor: bool = False) -> None:
     """Forward, loss, backward; grads dropped afterwards (no optimizer: same for all variants).
 

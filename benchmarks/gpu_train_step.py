@@ -28,6 +28,7 @@ from common import (  # noqa: E402
     Workload,
     build_base,
     infer_step,
+    inference_variants,
     input_ids,
     interleaved,
     make_variant,
@@ -36,8 +37,6 @@ from common import (  # noqa: E402
     table,
     train_step,
 )
-
-import lorakit  # noqa: E402
 
 WORKLOADS = {
     "issue": Workload(),
@@ -88,21 +87,8 @@ def train_section(w: Workload, device, dtype, reps: int) -> tuple[dict, dict]:
 def infer_section(w: Workload, device, dtype, reps: int) -> dict:
     base = build_base(w).to(device, dtype)
     ids = input_ids(w).to(device)
-    models = {
-        "base": make_variant("floor", base, w),
-        "lorakit unmerged": make_variant("lorakit", base, w),
-        "lorakit merged": make_variant("lorakit", base, w),
-        "peft unmerged": make_variant("peft", base, w),
-    }
-    for model in models.values():
-        model.eval()
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if "lora_B" in name:
-                    p.normal_(0, 0.01)
-    lorakit.merge(models["lorakit merged"])
     fns = {}
-    for label, model in models.items():
+    for label, model in inference_variants(base, w).items():
 
         def run(model=model) -> None:
             infer_step(model, ids)

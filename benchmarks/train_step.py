@@ -31,6 +31,7 @@ from common import (  # noqa: E402
     Workload,
     build_base,
     infer_step,
+    inference_variants,
     input_ids,
     interleaved,
     make_variant,
@@ -38,6 +39,7 @@ from common import (  # noqa: E402
     median,
     memory_child,
     paired_ratio,
+    randomise_b,
     table,
     train_step,
 )
@@ -93,36 +95,17 @@ def infer_section(w: Workload, reps: int, clock: str) -> dict[str, list[float]]:
     """base, lorakit unmerged / merged / mixed batch, PEFT unmerged: no_grad forward, eval mode."""
     base = build_base(w)
     ids = input_ids(w)
-    models = {
-        "base": make_variant("floor", base, w),
-        "lorakit unmerged": make_variant("lorakit", base, w),
-        "lorakit merged": make_variant("lorakit", base, w),
-        "peft unmerged": make_variant("peft", base, w),
-    }
-    for m in models.values():
-        m.eval()
-        _randomise(m)
-    lorakit.merge(models["lorakit merged"])
-    fns = {n: _infer_fn(m, ids) for n, m in models.items()}
+    fns = {n: _infer_fn(m, ids) for n, m in inference_variants(base, w).items()}
     # Mixed batch: 4 adapters, each row its own (2 rows each), one forward (lorakit.routing).
     mixed = make_variant("lorakit", base, w)
     names = ("default", "b", "c", "d")
     for name in names[1:]:
         config = lorakit.LoraConfig(rank=w.rank, alpha=2.0 * w.rank, targets=TARGETS)
         lorakit.inject(mixed, config, adapter_name=name)
-    mixed.eval()
-    _randomise(mixed)
+    randomise_b(mixed.eval())
     rows = [names[i % len(names)] for i in range(w.batch)]
     fns["lorakit mixed batch, 4 adapters"] = _mixed_fn(mixed, ids, rows)
     return interleaved(fns, reps, clock=clock)
-
-
-def _randomise(model) -> None:
-    """Non-zero B everywhere, so no path can skip work on an all-zero adapter."""
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:  # benchmark-only shortcut: both libraries name B this way
-                p.normal_(0, 0.01)
 
 
 def sweep_section(workloads: list[Workload], reps: int, clock: str) -> list[dict]:
