@@ -239,3 +239,23 @@ def test_backward_keeps_x_itself_thin_products_and_byte_masks(dropout):
     assert any(t.shape == (tokens, rank) for t in saved)
     y.sum().backward()
     assert x.grad is not None and A.grad is not None and B.grad is not None
+
+
+def test_fused_dropout_kernel_path_equals_reference_with_its_mask(monkeypatch):
+    """The CUDA branch (`native_dropout` from the global generator), run here on the CPU:
+    replaying the generator gives its masks, and outputs and gradients match the reference."""
+    import lorakit.functional as functional
+
+    monkeypatch.setattr(functional, "_FUSED_DROPOUT_DEVICES", ("cpu",))
+    x, weight, b, As, Bs, scales = _setup(2, True, False, (3, 5), b_grad=True)
+    ps = (0.3, 0.1)
+    inputs = (x, weight, b, *As, *Bs)
+    torch.manual_seed(5)
+    fused = fused_lora_linear(x, weight, b, As, Bs, scales, dropout=ps, seed=0)
+    torch.manual_seed(5)
+    x2 = x.detach().reshape(-1, IN)
+    masks = [torch.native_dropout(x2, p, True)[1].float() / (1 - p) for p in ps]
+    plain = _reference(x, weight, b, As, Bs, scales, masks)
+    _close(fused, plain)
+    for got, want in zip(_grads(fused, inputs), _grads(plain, inputs)):
+        _close(got, want)

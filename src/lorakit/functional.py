@@ -44,8 +44,9 @@ def merged_weight(weight: Tensor, delta: Tensor, sign: int = 1) -> Tensor:
 #
 # It keeps x (the caller's tensor, no copy), each h_a (N, r) and, with dropout, each mask k_a
 # as booleans (one byte per entry, where a dropped copy of x costs two or four), never
-# computes a gradient for W unless W asks for one. The masks are drawn from a seed by a
-# private generator (four 16-bit draws per 64-bit word). The big GEMMs (x W^T, g W)
+# computes a gradient for W unless W asks for one. On the CPU the masks are drawn from a seed
+# by a private generator (four 16-bit draws per 64-bit word); on CUDA by PyTorch's fused
+# dropout kernel, which writes k * x / (1 - p) and k in one pass. The big GEMMs (x W^T, g W)
 # accumulate into the buffer the thin rank-r products started (beta = 1), so the low-rank
 # terms cost no extra pass over y or grad_x. What remains is four thin GEMMs per layer, each
 # one pass over x or g, laid out (N, r), which runs faster than (r, N) on CPU BLAS.
@@ -78,26 +79,42 @@ def dropout_keep(shape: tuple[int, ...], p: float, seed: int, device: torch.devi
 
     Four entries per 64-bit random word (16 bits each), drawn from a private generator
     seeded with `seed`, so the global RNG stream is not consumed; about 4x cheaper than
-    `bernoulli_`, which draws one word per entry. The fused op draws its masks here (as the
-    complement, `_dropped`) and keeps them as booleans for the backward.
+    `bernoulli_`, which draws one word per entry. The fused op draws its CPU masks here and
+    keeps them as booleans for the backward.
     """
-    return ~_dropped(shape, p, seed, device)
-
-
-def _dropped(shape: tuple[int, ...], p: float, seed: int, device: torch.device) -> Tensor:
-    """The complement of `dropout_keep`: True where the entry is dropped."""
     gen = torch.Generator(device=device)
     gen.manual_seed(seed)
     n = math.prod(shape)
     words = torch.empty((n + 3) // 4, dtype=torch.int64, device=device)
     words.random_(-(2**63), 2**63 - 1, generator=gen)
     threshold, _ = _keep_threshold(p)
-    return words.view(torch.int16)[:n].view(shape) < threshold
+    return words.view(torch.int16)[:n].view(shape) >= threshold
 
 
-def _drop(x: Tensor, dropped: Tensor) -> Tensor:
+def _keep_only(x: Tensor, keep: Tensor) -> Tensor:
     """x with the dropped entries zeroed (unscaled); `where` with a 0-d zero is the fast kernel."""
-    return torch.where(dropped, x.new_zeros(()), x)
+    return torch.where(keep, x, x.new_zeros(()))
+
+
+# Devices where PyTorch's own fused dropout kernel (`native_dropout`: the dropped, scaled x and
+# its boolean mask in one pass, from the global generator) is cheaper than drawing seeded
+# 16-bit masks: random numbers cost little there, a kernel launch more.
+_FUSED_DROPOUT_DEVICES = ("cuda",)
+
+
+def _dropout(x: Tensor, p: float, seed: int) -> tuple[Tensor, Tensor, float, float]:
+    """(x_in, keep, f, d) for 2D x: the dropped term's product with A is (x_in A^T) * f.
+
+    d = 1 / (1 - p) is the inverted-dropout scale the backward applies. On CUDA x_in comes
+    out of `native_dropout` already scaled (f = 1); on the CPU it is x with the dropped entries
+    zeroed, and f = d = 1 / (1 - p') for the 16-bit p' of `dropout_keep`.
+    """
+    if x.device.type in _FUSED_DROPOUT_DEVICES:
+        x_in, keep = torch.native_dropout(x, p, True)
+        return x_in, keep, 1.0, 1.0 / (1.0 - p)
+    keep = dropout_keep(x.shape, p, seed, x.device)
+    d = 1.0 / (1.0 - _keep_threshold(p)[1])
+    return _keep_only(x, keep), keep, d, d
 
 
 def dropout_mask(
@@ -106,10 +123,6 @@ def dropout_mask(
     """The fused op's inverted-dropout mask: 0 with probability p, else 1 / (1 - p)."""
     _, p_exact = _keep_threshold(p)
     return dropout_keep(shape, p, seed, device).to(dtype).div_(1.0 - p_exact)
-
-
-def _dropout_scale(p: float) -> float:
-    return 1.0 / (1.0 - _keep_threshold(p)[1]) if p > 0 else 1.0
 
 
 _MERGE_DTYPES = (torch.float32, torch.float64)
@@ -153,8 +166,10 @@ def _fused_forward(
     transposed: bool,
     merge: bool,
     keep: bool = True,
-) -> tuple[Tensor, list[Tensor], list[Tensor | None]]:
-    """(y, [h_a], [dropped_a]) for 2D x (N, in); see the equations above.
+) -> tuple[Tensor, list[Tensor], list[Tensor | None], list[float]]:
+    """(y, [h_a], [keep_a], [d_a]) for 2D x (N, in); see the equations above.
+
+    keep_a is adapter a's boolean dropout mask (None without dropout) and d_a = 1 / (1 - p_a).
 
     keep: compute h_a (and keep the masks) for a backward; False in inference.
     """
@@ -164,26 +179,26 @@ def _fused_forward(
         w_t = w_t if transposed else w_t.t()
         y = x @ w_t if bias is None else torch.addmm(bias, x, w_t)
         hs = [(x @ factors[2 * i].t()).mul_(s) for i, s in enumerate(scales)] if keep else []
-        return y, hs, [None] * n
+        return y, hs, [None] * n, [1.0] * n
     y = None
-    hs, drops = [], []
+    hs, masks, dscales = [], [], []
     for i, (s, p) in enumerate(zip(scales, dropout)):
         A, B = factors[2 * i], factors[2 * i + 1]
-        dropped = None if p == 0 else _dropped(x.shape, p, seed + i, x.device)
-        xa = x if dropped is None else _drop(x, dropped)
-        h = (xa @ A.t()).mul_(s * _dropout_scale(p))  # (N, r); s folded in: grad_B = (h^T g)^T
+        x_in, mask, f, d = (x, None, 1.0, 1.0) if p == 0 else _dropout(x, p, seed + i)
+        h = (x_in @ A.t()).mul_(s * f)  # (N, r); s folded in: grad_B = (h^T g)^T
         if y is None:
             y = h @ B.t() if bias is None else torch.addmm(bias, h, B.t())
         else:
             y.addmm_(h, B.t())
         hs.append(h)
-        drops.append(dropped)
+        masks.append(mask)
+        dscales.append(d)
     w_t = weight if transposed else weight.t()  # (in, out), a view either way
     if y is None:
         y = x @ w_t if bias is None else torch.addmm(bias, x, w_t)
     else:
         y.addmm_(x, w_t)
-    return y, hs, drops
+    return y, hs, masks, dscales
 
 
 class _FusedLoraLinear(torch.autograd.Function):
@@ -191,11 +206,11 @@ class _FusedLoraLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, scales, dropout, seed, transposed, merge, *factors):  # noqa: ANN001
-        y, hs, drops = _fused_forward(
+        y, hs, masks, dscales = _fused_forward(
             x, weight, bias, factors, scales, dropout, seed, transposed, merge
         )
-        ctx.save_for_backward(x, weight, *factors, *hs, *drops)
-        ctx.scales, ctx.dropout, ctx.transposed, ctx.merge = scales, dropout, transposed, merge
+        ctx.save_for_backward(x, weight, *factors, *hs, *masks)
+        ctx.scales, ctx.dscales, ctx.transposed, ctx.merge = scales, dscales, transposed, merge
         ctx.has_bias = bias is not None
         return y
 
@@ -203,23 +218,23 @@ class _FusedLoraLinear(torch.autograd.Function):
     def backward(ctx, g):  # noqa: ANN001
         x, weight, *rest = ctx.saved_tensors
         n = len(ctx.scales)
-        factors, hs, drops = rest[: 2 * n], rest[2 * n : 3 * n], rest[3 * n :]
+        factors, hs, masks = rest[: 2 * n], rest[2 * n : 3 * n], rest[3 * n :]
         need = ctx.needs_input_grad
         need_x, need_w, need_b = need[0], need[1], need[2] and ctx.has_bias
         g = g.contiguous()
         grad_x = None
         grad_factors: list[Tensor | None] = []
-        for i, (s, p) in enumerate(zip(ctx.scales, ctx.dropout)):
-            A, B, h, dropped = factors[2 * i], factors[2 * i + 1], hs[i], drops[i]
+        for i, (s, d) in enumerate(zip(ctx.scales, ctx.dscales)):
+            A, B, h, keep = factors[2 * i], factors[2 * i + 1], hs[i], masks[i]
             need_a, need_bb = need[8 + 2 * i], need[9 + 2 * i]
             grad_b_a = (h.t() @ g).t() if need_bb else None  # (out, r), while g is in cache
             if ctx.merge and not need_a:
                 grad_factors += [None, grad_b_a]
                 continue
-            u = (g @ B).mul_(s * _dropout_scale(p))  # (N, r) = s' g B
+            u = (g @ B).mul_(s * d)  # (N, r) = s' g B
             if need_x and not ctx.merge:
-                if dropped is not None:
-                    term = (u @ A).masked_fill_(dropped, 0.0)
+                if keep is not None:
+                    term = (u @ A).mul_(keep)
                     grad_x = term if grad_x is None else grad_x.add_(term)
                 elif grad_x is None:
                     grad_x = u @ A
@@ -227,7 +242,7 @@ class _FusedLoraLinear(torch.autograd.Function):
                     grad_x.addmm_(u, A)
             grad_a = None
             if need_a:
-                grad_a = u.t() @ (x if dropped is None else _drop(x, dropped))  # (r, in)
+                grad_a = u.t() @ (x if keep is None else _keep_only(x, keep))  # (r, in)
             grad_factors += [grad_a, grad_b_a]
         if need_x:
             w = _merged(weight, factors, ctx.scales, ctx.transposed) if ctx.merge else weight
@@ -271,8 +286,9 @@ def fused_lora_linear(
 
     x: (..., in); weight: (out, in), or (in, out) with `transposed` (GPT-2's Conv1D);
     bias: (out,) or None; lora_A[a]: (r_a, in); lora_B[a]: (out, r_a); returns (..., out).
-    dropout[a] is adapter a's dropout probability (default 0, resolution 2**-16); masks come
-    from `seed + a` (`dropout_keep`), kept as booleans for the backward (never a copy of x).
+    dropout[a] is adapter a's dropout probability (default 0); its mask comes on the CPU from
+    `seed + a` (`dropout_keep`, p to 2**-16), on CUDA from `torch.native_dropout` (the global
+    generator, exact p), and is kept as booleans for the backward (never a copy of x).
     Computes in x's dtype (adapter factors are cast to it: a tiny copy, never one of x);
     under autocast, in autocast's dtype.
     Gradients flow to x, A, B, and to weight and bias only when they require grad.
@@ -313,5 +329,5 @@ def fused_lora_linear(
     if graph:
         y = _FusedLoraLinear.apply(x2, weight, bias, *args, *factors)
     else:  # inference: the same kernels, and no autograd node to keep anything alive
-        y, _, _ = _fused_forward(x2, weight, bias, factors, *args, keep=False)
+        y, *_ = _fused_forward(x2, weight, bias, factors, *args, keep=False)
     return y.view(*x.shape[:-1], y.shape[-1])
