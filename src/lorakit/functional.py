@@ -315,10 +315,12 @@ def fused_lora_linear(
             )
     dtype = x.dtype
     x2 = x.reshape(-1, x.shape[-1])  # a view for contiguous x: nothing copied
-    factors = tuple(t.to(dtype) for A, B in zip(lora_A, lora_B) for t in (A, B))
+    factors = tuple(
+        t if t.dtype is dtype else t.to(dtype) for A, B in zip(lora_A, lora_B) for t in (A, B)
+    )
     scales = tuple(float(s) for s in scales)
     dropout = tuple(float(p) for p in dropout)
-    if bias is not None:
+    if bias is not None and bias.dtype is not dtype:
         bias = bias.to(dtype)
     tensors = (x2, weight, bias, *factors)
     graph = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)

@@ -39,10 +39,9 @@ class LinearLora(LoraLayer):
 
     def forward(self, x: Tensor) -> Tensor:
         """base(x) + sum_a s_a * B_a(A_a(drop_a(x))), fused when possible."""
-        names = self._fused_adapters(x)
-        if not names:
+        adapters = self._fused_adapters(x)
+        if not adapters:
             return super().forward(x)
-        adapters = [self.lora[n] for n in names]
         dropout = tuple(_dropout_p(a) for a in adapters)
         # One draw from the global RNG per call, so torch.manual_seed reproduces the masks.
         seed = int(torch.randint(0, 2**62, ())) if any(dropout) else 0
@@ -58,23 +57,24 @@ class LinearLora(LoraLayer):
             transposed=self.weight_transposed,
         )
 
-    def _fused_adapters(self, x: Tensor) -> tuple[str, ...]:
-        """Adapters the fused path adds, or () when the plain path must run instead."""
+    def _fused_adapters(self, x: Tensor) -> list[LoRA]:
+        """Adapters the fused path adds, or [] when the plain path must run instead."""
         if self.lora_disabled or self.lora_routing is not None:
-            return ()
+            return []
         if self.base_class.forward is not self.fused_base.forward:
-            return ()  # a subclass with its own forward: only the plain path calls it
-        autocast = autocast_dtype(x.device.type) is not None
-        if not x.is_floating_point() or (x.dtype != self.weight.dtype and not autocast):
-            return ()
-        names = tuple(n for n in self.lora_active if n not in self.lora_merged)
-        for name in names:
-            adapter = self.lora[name]
+            return []  # a subclass with its own forward: only the plain path calls it
+        if not x.is_floating_point():
+            return []
+        if x.dtype != self.weight.dtype and autocast_dtype(x.device.type) is None:
+            return []
+        merged, modules = self.lora_merged, self.lora._modules
+        adapters = [modules[n] for n in self.lora_active if n not in merged]
+        for adapter in adapters:
             if type(adapter) is not LoRA or type(adapter.dropout) not in (nn.Dropout, nn.Identity):
-                return ()
+                return []
             if _dropout_p(adapter) > 0 and torch.compiler.is_compiling():
-                return ()  # seeded masks need a Python int; nn.Dropout compiles as is
-        return names
+                return []  # seeded masks need a Python int; nn.Dropout compiles as is
+        return adapters
 
 
 def _dropout_p(adapter: LoRA) -> float:
