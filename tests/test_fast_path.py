@@ -109,10 +109,10 @@ def test_the_plain_path_runs_when_the_fused_one_cannot(monkeypatch):
     _close(layer(x), _plain(layer, x))
     assert counter.calls == 1
     layer.lora_routing = object()  # mixed-batch routing is the plain path's business
-    assert layer._fused_adapters(x) == ()
+    assert layer._fused_adapters(x) == []
     layer.lora_routing = None
-    assert layer._fused_adapters(x.double()) == ()  # a dtype the base would reject
-    assert layer._fused_adapters(x) == ("a1",)
+    assert layer._fused_adapters(x.double()) == []  # a dtype the base would reject
+    assert layer._fused_adapters(x) == [layer.lora["a1"]]
 
 
 class _ScaledLinear(nn.Linear):
