@@ -109,24 +109,22 @@ def test_inference_builds_no_graph_and_matches(merge, transposed):
 
 
 @pytest.mark.parametrize(
-    ("tokens", "rows", "cols", "dropout", "dtype", "training", "expected"),
+    ("tokens", "rows", "cols", "dropout", "dtype", "expected"),
     [
-        (2048, 512, 512, 0.0, torch.float32, False, True),  # N (in + out) = 8 in out
-        (1024, 512, 512, 0.0, torch.float32, False, True),  # the break-even point, 4 in out
-        (1023, 512, 512, 0.0, torch.float32, False, False),
-        (2048, 512, 512, 0.0, torch.float32, True, False),  # a train step needs h^T anyway
-        (4096, 512, 512, 0.0, torch.float32, True, True),  # 16 in out
-        (1, 4096, 4096, 0.0, torch.float64, False, False),  # decoding one token: thin is cheaper
-        (2048, 512, 512, 0.1, torch.float32, False, False),  # dropout: x differs per adapter
-        (2048, 512, 512, 0.0, torch.bfloat16, False, False),  # 16-bit W' would lose s B A
-        (2048, 512, 512, 0.0, torch.float16, False, False),
+        (2048, 512, 512, 0.0, torch.float32, True),  # N (in + out) = 8 in out
+        (1024, 512, 512, 0.0, torch.float32, True),  # the break-even point, 4 in out
+        (1023, 512, 512, 0.0, torch.float32, False),
+        (1, 4096, 4096, 0.0, torch.float64, False),  # decoding one token: thin is cheaper
+        (2048, 512, 512, 0.1, torch.float32, False),  # dropout: x differs per adapter
+        (2048, 512, 512, 0.0, torch.bfloat16, False),  # 16-bit W' would lose s B A
+        (2048, 512, 512, 0.0, torch.float16, False),
     ],
 )
 def test_merge_pays_only_when_tokens_outweigh_the_weight(
-    tokens, rows, cols, dropout, dtype, training, expected
+    tokens, rows, cols, dropout, dtype, expected
 ):
     weight = torch.empty(rows, cols, dtype=dtype)
-    assert merge_pays(tokens, weight, (dropout,), training=training) is expected
+    assert merge_pays(tokens, weight, (dropout,)) is expected
 
 
 def test_merged_path_is_refused_where_it_would_be_wrong():

@@ -53,12 +53,12 @@ def merged_weight(weight: Tensor, delta: Tensor, sign: int = 1) -> Tensor:
 #
 # When the tokens outweigh the weight and there is no dropout, the low-rank term is cheaper
 # folded into the weight: W' = W + sum_a s_a B_a A_a costs passes over W, where the thin path
-# costs a pass over x (h^T) and one over y (y += h B^T). Then y = x W'^T, and in training
-# grad_x = g W' (W' computed again in backward, never stored). Measured on a CPU (rank 8,
-# hidden 512 and 1376): in inference it pays from N (in + out) >= 4 in out on; a train step
-# still needs h^T and so saves only the pass over y (and the one over grad_x): it pays from
-# about 16 in out. In float32 and float64 only: in 16-bit formats W' would round the small
-# low-rank term away, so those keep the thin path.
+# costs a pass over y (y += h B^T) and, in inference, one over x (h); in a train step also one
+# over grad_x (grad_x += u A). Then y = x W'^T and grad_x = g W' (W' computed again in
+# backward, never stored); a train step still computes h for grad_B. Measured on a CPU (rank
+# 8 and 64, hidden 512 and 1376; benchmarks/layer_costs.py, benchmarks/train_step.py): it pays
+# from N (in + out) >= 4 in out on, in inference and training alike. In float32 and float64
+# only: in 16-bit formats W' would round the small low-rank term away, so those stay thin.
 
 _KEEP_BITS = 16  # resolution of the dropout probability: multiples of 2**-16
 
@@ -133,14 +133,12 @@ def _merge_allowed(weight: Tensor, dropout: tuple[float, ...]) -> bool:
     return not any(dropout) and weight.dtype in _MERGE_DTYPES
 
 
-def merge_pays(
-    n_tokens: int, weight: Tensor, dropout: tuple[float, ...], *, training: bool = False
-) -> bool:
+def merge_pays(n_tokens: int, weight: Tensor, dropout: tuple[float, ...]) -> bool:
     """Whether folding the adapters into W' beats adding their thin products (see above)."""
     if not _merge_allowed(weight, dropout):
         return False
     rows, cols = weight.shape  # (out, in) or (in, out): the rule is symmetric
-    return n_tokens * (rows + cols) >= (16 if training else 4) * rows * cols
+    return n_tokens * (rows + cols) >= 4 * rows * cols
 
 
 def _merged(
@@ -325,7 +323,7 @@ def fused_lora_linear(
     tensors = (x2, weight, bias, *factors)
     graph = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
     if merge is None:
-        merge = merge_pays(x2.shape[0], weight, dropout, training=graph)
+        merge = merge_pays(x2.shape[0], weight, dropout)
     merge = merge and weight.dtype == dtype and _merge_allowed(weight, dropout)
     args = (scales, dropout, seed, transposed, merge)
     if graph:
