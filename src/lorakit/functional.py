@@ -145,12 +145,15 @@ def _merged(
     weight: Tensor, factors: tuple[Tensor, ...], scales: tuple[float, ...], transposed: bool
 ) -> Tensor:
     """W' = W + sum_a s_a B_a A_a, in W's layout: (out, in), or (in, out) when `transposed`."""
-    merged = weight
+    merged = None
     for i, s in enumerate(scales):
         A, B = factors[2 * i], factors[2 * i + 1]
         lhs, rhs = (A.t(), B.t()) if transposed else (B, A)
-        merged = torch.addmm(merged, lhs, rhs, alpha=s)
-    return merged
+        if merged is None:  # one new W-sized tensor, the other adapters add into it
+            merged = torch.addmm(weight, lhs, rhs, alpha=s)
+        else:
+            merged.addmm_(lhs, rhs, alpha=s)
+    return weight if merged is None else merged
 
 
 def _fused_forward(
