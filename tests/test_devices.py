@@ -1,7 +1,7 @@
-"""The fast path, merge and routing on a CUDA device (skipped where there is none).
+"""The fast path, merge and routing on each device: the CPU, and CUDA where there is one.
 
-CI has no GPU: these run in the GPU sessions (`benchmarks/gpu_run.sh`), against the same
-float64 CPU reference the CPU tests use.
+CI has no GPU, so its CUDA cases are skipped there; GPU sessions run them with
+`benchmarks/gpu_run.sh`. References are float64 on the CPU.
 """
 
 from __future__ import annotations
@@ -14,8 +14,12 @@ from torch import nn
 import lorakit
 from lorakit.functional import dropout_mask, fused_lora_linear
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-CUDA = torch.device("cuda")
+NO_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=NO_CUDA)])
+def device(request: pytest.FixtureRequest) -> torch.device:
+    return torch.device(request.param)
 
 
 def _rel(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -29,7 +33,7 @@ def _rel(actual: torch.Tensor, expected: torch.Tensor) -> float:
     ("dtype", "rtol"), [(torch.float32, 1e-5), (torch.bfloat16, 3e-2), (torch.float16, 3e-3)]
 )
 @pytest.mark.parametrize("transposed", [False, True])
-def test_fused_op_on_cuda_matches_float64(dtype, rtol, transposed, merge):
+def test_fused_op_matches_float64(device, dtype, rtol, transposed, merge):
     torch.manual_seed(0)
     n, d_in, d_out, r = 256, 64, 48, 8
     x64 = torch.randn(n, d_in, dtype=torch.float64)
@@ -47,26 +51,26 @@ def test_fused_op_on_cuda_matches_float64(dtype, rtol, transposed, merge):
         y.backward(g64.to(device, dt))
         return y, x.grad, a.grad, b.grad
 
-    for got, want in zip(run(CUDA, dtype), run("cpu", torch.float64)):
-        assert got.device.type == "cuda" and got.dtype == dtype
+    for got, want in zip(run(device, dtype), run("cpu", torch.float64)):
+        assert got.device.type == device.type and got.dtype == dtype
         assert _rel(got, want) <= rtol * (10 if got.shape[0] != n else 1)
 
 
-def test_dropout_masks_on_cuda_are_seeded_and_have_the_right_rate():
-    mask = dropout_mask((1000, 500), 0.1, seed=3, device=CUDA, dtype=torch.float32)
-    assert mask.device.type == "cuda"
+def test_dropout_masks_are_seeded_and_have_the_right_rate(device):
+    mask = dropout_mask((1000, 500), 0.1, seed=3, device=device, dtype=torch.float32)
+    assert mask.device.type == device.type
     assert abs(float((mask == 0).float().mean()) - 0.1) < 0.005
     assert abs(float(mask.mean()) - 1.0) < 0.01
-    again = dropout_mask((1000, 500), 0.1, seed=3, device=CUDA, dtype=torch.float32)
+    again = dropout_mask((1000, 500), 0.1, seed=3, device=device, dtype=torch.float32)
     assert torch.equal(mask, again)
 
 
-def test_llama_on_cuda_bf16_trains_merges_and_routes():
-    model = tiny_llama().to(CUDA, torch.bfloat16)
+def test_bf16_llama_trains_merges_and_routes(device):
+    model = tiny_llama().to(device, torch.bfloat16)
     lorakit.inject(model, lorakit.LoraConfig(rank=4, dropout=0.1), adapter_name="a")
     lorakit.inject(model, lorakit.LoraConfig(rank=4), adapter_name="b")
     randomise_lora(model)
-    ids = torch.randint(0, 100, (4, 12), device=CUDA)
+    ids = torch.randint(0, 100, (4, 12), device=device)
     lorakit.set_active(model, "a")
     model.train()
     model(ids, labels=ids).loss.backward()
@@ -89,12 +93,14 @@ def test_llama_on_cuda_bf16_trains_merges_and_routes():
     assert _rel(routed[1:2], only_b) < 3e-2
 
 
-def test_compile_fullgraph_on_cuda():
+@NO_CUDA
+def test_compile_fullgraph_on_cuda():  # on the CPU: tests/test_fast_path.py
+    cuda = torch.device("cuda")
     torch.manual_seed(0)
-    block = nn.Sequential(nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 64)).to(CUDA)
+    block = nn.Sequential(nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 64)).to(cuda)
     lorakit.inject(block, lorakit.LoraConfig(rank=8, targets=("0", "2")))
     randomise_lora(block)
-    x = torch.randn(32, 64, device=CUDA, requires_grad=True)
+    x = torch.randn(32, 64, device=cuda, requires_grad=True)
     eager = block(x)
     compiled = torch.compile(block, fullgraph=True)(x)
     assert _rel(compiled, eager) < 1e-4
