@@ -6,6 +6,7 @@ Shapes follow PEFT's: A is (r, in, *kernel), B is (out, r, *ones); s is the scal
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor
@@ -45,8 +46,9 @@ def merged_weight(weight: Tensor, delta: Tensor, sign: int = 1) -> Tensor:
 # It keeps x (the caller's tensor, no copy), each h_a (N, r) and, with dropout, each mask k_a
 # as booleans (one byte per entry, where a dropped copy of x costs two or four), never
 # computes a gradient for W unless W asks for one. On the CPU the masks are drawn from a seed
-# by a private generator (four 16-bit draws per 64-bit word); on CUDA by PyTorch's fused
-# dropout kernel, which writes k * x / (1 - p) and k in one pass. The big GEMMs (x W^T, g W)
+# by a private generator (four 16-bit draws per 64-bit word) and applied block by block
+# (k * x is never materialised: see `_BLOCK`); on CUDA by PyTorch's fused dropout kernel,
+# which writes k * x / (1 - p) and k in one pass. The big GEMMs (x W^T, g W)
 # accumulate into the buffer the thin rank-r products started (beta = 1), so the low-rank
 # terms cost no extra pass over y or grad_x. What remains is four thin GEMMs per layer, each
 # one pass over x or g, laid out (N, r), which runs faster than (r, N) on CPU BLAS.
@@ -61,6 +63,12 @@ def merged_weight(weight: Tensor, delta: Tensor, sign: int = 1) -> Tensor:
 # only: in 16-bit formats W' would round the small low-rank term away, so those stay thin.
 
 _KEEP_BITS = 16  # resolution of the dropout probability: multiples of 2**-16
+
+# Masks are applied on the CPU in row blocks of about this many entries, through two small
+# buffers that stay in cache: the mask's bytes (read as uint8) cast to x's dtype, then the
+# product. `torch.where(keep, x, 0)` or `x * keep` over the whole (N, in) tensor run 3-4x slower:
+# mixed-dtype kernels are not vectorised, and every fresh N x in tensor is page-faulted in.
+_BLOCK = 1 << 16
 
 
 def _keep_threshold(p: float) -> tuple[int, float]:
@@ -86,14 +94,48 @@ def dropout_keep(shape: tuple[int, ...], p: float, seed: int, device: torch.devi
     gen.manual_seed(seed)
     n = math.prod(shape)
     words = torch.empty((n + 3) // 4, dtype=torch.int64, device=device)
-    words.random_(-(2**63), 2**63 - 1, generator=gen)
+    words.random_(-(2**63), None, generator=gen)  # every bit uniform (no modulo: cheaper)
     threshold, _ = _keep_threshold(p)
     return words.view(torch.int16)[:n].view(shape) >= threshold
 
 
-def _keep_only(x: Tensor, keep: Tensor) -> Tensor:
-    """x with the dropped entries zeroed (unscaled); `where` with a 0-d zero is the fast kernel."""
-    return torch.where(keep, x, x.new_zeros(()))
+def _row_blocks(x: Tensor, keep: Tensor) -> Iterator[tuple[slice, Tensor, Tensor]]:
+    """(rows, keep[rows] as x's dtype, a buffer for x[rows]) for row blocks of 2D x; reused."""
+    n, d = x.shape
+    step = max(1, _BLOCK // d)
+    mask_buf = x.new_empty(min(step, n), d)
+    out_buf = x.new_empty(min(step, n), d)
+    for start in range(0, n, step):
+        rows = slice(start, min(start + step, n))
+        k = rows.stop - start
+        yield rows, mask_buf[:k].copy_(keep[rows].view(torch.uint8)), out_buf[:k]
+
+
+def _masked_mm(x: Tensor, keep: Tensor, rhs: Tensor) -> Tensor:
+    """(keep * x) @ rhs for x (N, in), keep (N, in) bool, rhs (in, r): (N, r)."""
+    out = x.new_empty(x.shape[0], rhs.shape[1])
+    for rows, mask, buf in _row_blocks(x, keep):
+        torch.mm(torch.mul(x[rows], mask, out=buf), rhs, out=out[rows])
+    return out
+
+
+def _masked_tmm(lhs: Tensor, x: Tensor, keep: Tensor) -> Tensor:
+    """lhs^T @ (keep * x) for lhs (N, r), x (N, in), keep (N, in) bool: (r, in)."""
+    if x.device.type in _FUSED_DROPOUT_DEVICES:
+        return lhs.t() @ (x * keep)
+    out = x.new_zeros(lhs.shape[1], x.shape[1])
+    for rows, mask, buf in _row_blocks(x, keep):
+        out.addmm_(lhs[rows].t(), torch.mul(x[rows], mask, out=buf))
+    return out
+
+
+def _mask_(t: Tensor, keep: Tensor) -> Tensor:
+    """t *= keep, in place, for t (N, in) and keep (N, in) bool."""
+    if t.device.type in _FUSED_DROPOUT_DEVICES:
+        return t.mul_(keep)
+    for rows, mask, _ in _row_blocks(t, keep):
+        t[rows].mul_(mask)
+    return t
 
 
 # Devices where PyTorch's own fused dropout kernel (`native_dropout`: the dropped, scaled x and
@@ -102,19 +144,19 @@ def _keep_only(x: Tensor, keep: Tensor) -> Tensor:
 _FUSED_DROPOUT_DEVICES = ("cuda",)
 
 
-def _dropout(x: Tensor, p: float, seed: int) -> tuple[Tensor, Tensor, float, float]:
-    """(x_in, keep, f, d) for 2D x: the dropped term's product with A is (x_in A^T) * f.
+def _dropped_product(x: Tensor, A: Tensor, p: float, seed: int) -> tuple[Tensor, Tensor, float]:
+    """(h, keep, d) for 2D x: h = drop(x) A^T (N, r), keep the boolean mask, d = 1 / (1 - p).
 
-    d = 1 / (1 - p) is the inverted-dropout scale the backward applies. On CUDA x_in comes
-    out of `native_dropout` already scaled (f = 1); on the CPU it is x with the dropped entries
-    zeroed, and f = d = 1 / (1 - p') for the 16-bit p' of `dropout_keep`.
+    On CUDA, `native_dropout` gives the dropped, scaled x and the mask in one pass, from the
+    global generator; on the CPU the mask comes from `dropout_keep(seed)` (p' to 2**-16,
+    d = 1 / (1 - p')) and is applied block by block as the product is taken.
     """
     if x.device.type in _FUSED_DROPOUT_DEVICES:
         x_in, keep = torch.native_dropout(x, p, True)
-        return x_in, keep, 1.0, 1.0 / (1.0 - p)
+        return x_in @ A.t(), keep, 1.0 / (1.0 - p)
     keep = dropout_keep(x.shape, p, seed, x.device)
     d = 1.0 / (1.0 - _keep_threshold(p)[1])
-    return _keep_only(x, keep), keep, d, d
+    return _masked_mm(x, keep, A.t()).mul_(d), keep, d
 
 
 def dropout_mask(
@@ -185,8 +227,11 @@ def _fused_forward(
     hs, masks, dscales = [], [], []
     for i, (s, p) in enumerate(zip(scales, dropout)):
         A, B = factors[2 * i], factors[2 * i + 1]
-        x_in, mask, f, d = (x, None, 1.0, 1.0) if p == 0 else _dropout(x, p, seed + i)
-        h = (x_in @ A.t()).mul_(s * f)  # (N, r); s folded in: grad_B = (h^T g)^T
+        if p == 0:
+            h, mask, d = x @ A.t(), None, 1.0
+        else:
+            h, mask, d = _dropped_product(x, A, p, seed + i)
+        h.mul_(s)  # (N, r); s folded in: grad_B = (h^T g)^T
         if y is None:
             y = h @ B.t() if bias is None else torch.addmm(bias, h, B.t())
         else:
@@ -235,7 +280,7 @@ class _FusedLoraLinear(torch.autograd.Function):
             u = (g @ B).mul_(s * d)  # (N, r) = s' g B
             if need_x and not ctx.merge:
                 if keep is not None:
-                    term = (u @ A).mul_(keep)
+                    term = _mask_(u @ A, keep)
                     grad_x = term if grad_x is None else grad_x.add_(term)
                 elif grad_x is None:
                     grad_x = u @ A
@@ -243,7 +288,7 @@ class _FusedLoraLinear(torch.autograd.Function):
                     grad_x.addmm_(u, A)
             grad_a = None
             if need_a:
-                grad_a = u.t() @ (x if keep is None else _keep_only(x, keep))  # (r, in)
+                grad_a = u.t() @ x if keep is None else _masked_tmm(u, x, keep)  # (r, in)
             grad_factors += [grad_a, grad_b_a]
         if need_x:
             w = _merged(weight, factors, ctx.scales, ctx.transposed) if ctx.merge else weight
