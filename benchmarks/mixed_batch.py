@@ -21,44 +21,22 @@ from __future__ import annotations
 
 import argparse
 import copy
-import gc
 import platform
 import random
-import statistics
-import time
+import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
 
-import lorakit
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import TARGETS, Workload, build_base, interleaved, median, paired_ratio, randomise_b  # noqa: E402
 
-TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+import lorakit  # noqa: E402
+
 BATCH, TOKENS, RANK = 64, 64, 8
-
-
-def build_base() -> nn.Module:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=512,
-        intermediate_size=1376,
-        num_hidden_layers=4,
-        num_attention_heads=8,
-        num_key_value_heads=8,
-        vocab_size=4096,
-        max_position_embeddings=256,
-        tie_word_embeddings=False,
-    )
-    return LlamaForCausalLM(config).eval().requires_grad_(False)
-
-
-def _randomise(model: nn.Module) -> None:
-    """Non-zero B, so every adapter really adds its product (a zero B could be skipped)."""
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(std=0.01)
+WORKLOAD = Workload(batch=BATCH, tokens=TOKENS, rank=RANK)
 
 
 def lorakit_model(base: nn.Module, n: int) -> nn.Module:
@@ -66,8 +44,7 @@ def lorakit_model(base: nn.Module, n: int) -> nn.Module:
     config = lorakit.LoraConfig(rank=RANK, alpha=2.0 * RANK, targets=TARGETS)
     for i in range(n):
         lorakit.inject(model, config, adapter_name=f"a{i}")
-    _randomise(model)
-    return model.eval()
+    return randomise_b(model).eval()
 
 
 def peft_model(base: nn.Module, n: int) -> nn.Module:
@@ -77,30 +54,12 @@ def peft_model(base: nn.Module, n: int) -> nn.Module:
     model = peft.get_peft_model(copy.deepcopy(base), config, adapter_name="a0")
     for i in range(1, n):
         model.add_adapter(f"a{i}", config)
-    _randomise(model)
-    return model.eval()
+    return randomise_b(model).eval()
 
 
 def rows_for(n: int) -> list[str]:
     names = [f"a{i}" for i in random.Random(0).sample(range(n), min(n, BATCH))]
     return [names[i % len(names)] for i in range(BATCH)]
-
-
-def interleaved(
-    fns: dict[str, Callable[[], None]], reps: int, clock: Callable[[], float] = time.perf_counter
-) -> dict[str, list[float]]:
-    """Seconds per call of each fn; one warm-up round, then rounds in rotated order."""
-    names = list(fns)
-    for name in names:
-        fns[name]()
-    times: dict[str, list[float]] = {n: [] for n in names}
-    for r in range(reps):
-        for name in names[r % len(names) :] + names[: r % len(names)]:
-            gc.collect()
-            start = clock()
-            fns[name]()
-            times[name].append(clock() - start)
-    return times
 
 
 def main() -> None:
@@ -118,9 +77,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    clock = time.process_time if args.clock == "cpu" else time.perf_counter
 
-    base = build_base()
+    base = build_base(WORKLOAD).eval()
     ids = torch.randint(0, 4096, (BATCH, TOKENS), generator=torch.Generator().manual_seed(1))
     models = {n: lorakit_model(base, n) for n in args.adapters}
     lk = models[args.adapters[0]]  # its first adapter is the "single" variant
@@ -149,13 +107,8 @@ def main() -> None:
         pm = peft_model(base, n)
         fns["peft single"] = run(pm)
         fns[f"peft mixed {n}"] = run(pm, adapter_names=rows_for(n))
-    times = interleaved(fns, args.reps, clock)
-    med = {k: statistics.median(v) for k, v in times.items()}
-
-    def ratio(name: str, ref: str) -> float:
-        """Median over rounds of this round's time / the reference's time in the same round:
-        load that drifts between rounds cancels out."""
-        return statistics.median(a / b for a, b in zip(times[name], times[ref]))
+    times = interleaved(fns, args.reps, clock=args.clock)
+    med = {k: median(v) for k, v in times.items()}
 
     print(f"# mixed-adapter batch, {BATCH} x {TOKENS} tokens, rank {RANK} on all linear layers")
     cpu = platform.processor() or platform.machine()
@@ -164,8 +117,8 @@ def main() -> None:
     rows = [("variant", "median ms", "x base", "x single")]
     for name, m in med.items():
         single = "peft single" if name.startswith("peft") else "single"
-        rows.append((name, f"{1000 * m:.0f}", f"{ratio(name, 'base'):.3f}",
-                     f"{ratio(name, single):.3f}"))  # fmt: skip
+        rows.append((name, f"{1000 * m:.0f}", f"{paired_ratio(times, name, 'base'):.3f}",
+                     f"{paired_ratio(times, name, single):.3f}"))  # fmt: skip
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     lines = [" | ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
     print("| " + lines[0] + " |")

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -198,16 +200,22 @@ def _merged(
     return weight if merged is None else merged
 
 
+class _Plan(NamedTuple):
+    """The fused op's non-tensor arguments, passed to the autograd node as one object."""
+
+    scales: tuple[float, ...]
+    dropout: tuple[float, ...]
+    seed: int
+    transposed: bool
+    merge: bool
+
+
 def _fused_forward(
     x: Tensor,
     weight: Tensor,
     bias: Tensor | None,
     factors: tuple[Tensor, ...],
-    scales: tuple[float, ...],
-    dropout: tuple[float, ...],
-    seed: int,
-    transposed: bool,
-    merge: bool,
+    plan: _Plan,
     keep: bool = True,
 ) -> tuple[Tensor, list[Tensor], list[Tensor | None], list[float]]:
     """(y, [h_a], [keep_a], [d_a]) for 2D x (N, in); see the equations above.
@@ -216,24 +224,25 @@ def _fused_forward(
 
     keep: compute h_a (and keep the masks) for a backward; False in inference.
     """
+    scales, dropout, seed, transposed, merge = plan
     n = len(scales)
     if merge:
         w_t = _merged(weight, factors, scales, transposed)
         w_t = w_t if transposed else w_t.t()
         y = x @ w_t if bias is None else torch.addmm(bias, x, w_t)
-        hs = [(x @ factors[2 * i].t()).mul_(s) for i, s in enumerate(scales)] if keep else []
+        hs = [F.linear(x, factors[2 * i]).mul_(s) for i, s in enumerate(scales)] if keep else []
         return y, hs, [None] * n, [1.0] * n
     y = None
     hs, masks, dscales = [], [], []
     for i, (s, p) in enumerate(zip(scales, dropout)):
         A, B = factors[2 * i], factors[2 * i + 1]
         if p == 0:
-            h, mask, d = x @ A.t(), None, 1.0
+            h, mask, d = F.linear(x, A), None, 1.0
         else:
             h, mask, d = _dropped_product(x, A, p, seed + i)
         h.mul_(s)  # (N, r); s folded in: grad_B = (h^T g)^T
         if y is None:
-            y = h @ B.t() if bias is None else torch.addmm(bias, h, B.t())
+            y = F.linear(h, B, bias)
         else:
             y.addmm_(h, B.t())
         hs.append(h)
@@ -251,12 +260,15 @@ class _FusedLoraLinear(torch.autograd.Function):
     """Autograd node of `fused_lora_linear` on 2D inputs (see the module comment)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, scales, dropout, seed, transposed, merge, *factors):  # noqa: ANN001
-        y, hs, masks, dscales = _fused_forward(
-            x, weight, bias, factors, scales, dropout, seed, transposed, merge
-        )
+    def forward(ctx, x, weight, bias, plan, *factors):  # noqa: ANN001
+        y, hs, masks, dscales = _fused_forward(x, weight, bias, factors, plan)
         ctx.save_for_backward(x, weight, *factors, *hs, *masks)
-        ctx.scales, ctx.dscales, ctx.transposed, ctx.merge = scales, dscales, transposed, merge
+        ctx.scales, ctx.dscales, ctx.transposed, ctx.merge = (
+            plan.scales,
+            dscales,
+            plan.transposed,
+            plan.merge,
+        )
         ctx.has_bias = bias is not None
         return y
 
@@ -267,12 +279,13 @@ class _FusedLoraLinear(torch.autograd.Function):
         factors, hs, masks = rest[: 2 * n], rest[2 * n : 3 * n], rest[3 * n :]
         need = ctx.needs_input_grad
         need_x, need_w, need_b = need[0], need[1], need[2] and ctx.has_bias
-        g = g.contiguous()
+        if not g.is_contiguous():
+            g = g.contiguous()
         grad_x = None
         grad_factors: list[Tensor | None] = []
         for i, (s, d) in enumerate(zip(ctx.scales, ctx.dscales)):
             A, B, h, keep = factors[2 * i], factors[2 * i + 1], hs[i], masks[i]
-            need_a, need_bb = need[8 + 2 * i], need[9 + 2 * i]
+            need_a, need_bb = need[4 + 2 * i], need[5 + 2 * i]
             grad_b_a = (h.t() @ g).t() if need_bb else None  # (out, r), while g is in cache
             if ctx.merge and not need_a:
                 grad_factors += [None, grad_b_a]
@@ -298,7 +311,7 @@ class _FusedLoraLinear(torch.autograd.Function):
         if need_w:
             grad_w = x.t() @ g if ctx.transposed else g.t() @ x
         grad_b = g.sum(0) if need_b else None
-        return grad_x, grad_w, grad_b, None, None, None, None, None, *grad_factors
+        return grad_x, grad_w, grad_b, None, *grad_factors
 
 
 _AUTOCAST_DEVICES = ("cpu", "cuda")
@@ -361,21 +374,24 @@ def fused_lora_linear(
             )
     dtype = x.dtype
     x2 = x.reshape(-1, x.shape[-1])  # a view for contiguous x: nothing copied
-    factors = tuple(
-        t if t.dtype is dtype else t.to(dtype) for A, B in zip(lora_A, lora_B) for t in (A, B)
-    )
-    scales = tuple(float(s) for s in scales)
-    dropout = tuple(float(p) for p in dropout)
-    if bias is not None and bias.dtype is not dtype:
-        bias = bias.to(dtype)
-    tensors = (x2, weight, bias, *factors)
-    graph = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    factors: list[Tensor] = []
+    graph = x2.requires_grad or weight.requires_grad
+    for A, B in zip(lora_A, lora_B):
+        factors += (A if A.dtype is dtype else A.to(dtype), B if B.dtype is dtype else B.to(dtype))
+        graph = graph or A.requires_grad or B.requires_grad
+    if bias is not None:
+        graph = graph or bias.requires_grad
+        if bias.dtype is not dtype:
+            bias = bias.to(dtype)
+    graph = graph and torch.is_grad_enabled()
+    scales = tuple(map(float, scales))
+    dropout = tuple(map(float, dropout))
     if merge is None:
         merge = merge_pays(x2.shape[0], weight, dropout)
     merge = merge and weight.dtype == dtype and _merge_allowed(weight, dropout)
-    args = (scales, dropout, seed, transposed, merge)
+    plan = _Plan(scales, dropout, seed, transposed, merge)
     if graph:
-        y = _FusedLoraLinear.apply(x2, weight, bias, *args, *factors)
+        y = _FusedLoraLinear.apply(x2, weight, bias, plan, *factors)
     else:  # inference: the same kernels, and no autograd node to keep anything alive
-        y, *_ = _fused_forward(x2, weight, bias, factors, *args, keep=False)
+        y, *_ = _fused_forward(x2, weight, bias, tuple(factors), plan, keep=False)
     return y.view(*x.shape[:-1], y.shape[-1])
