@@ -179,6 +179,15 @@ def paired_ratio(times: dict[str, list[float]], name: str, ref: str) -> float:
     return statistics.median(a / b for a, b in zip(times[name], times[ref]))
 
 
+def ratio_quartiles(times: dict[str, list[float]], name: str, ref: str) -> tuple[float, float]:
+    """First and third quartiles of the per-round ratios: how far one round's ratio strays."""
+    ratios = [a / b for a, b in zip(times[name], times[ref])]
+    if len(ratios) < 2:
+        return ratios[0], ratios[0]
+    q1, _, q3 = statistics.quantiles(ratios, n=4)
+    return q1, q3
+
+
 # -- memory: one fresh process per variant ---------------------------------------------------
 #
 # CPU tensors come from glibc malloc. With MALLOC_MMAP_THRESHOLD_ fixed at 64 KiB every large

@@ -40,6 +40,7 @@ from common import (  # noqa: E402
     memory_child,
     paired_ratio,
     randomise_b,
+    ratio_quartiles,
     table,
     train_step,
 )
@@ -48,6 +49,7 @@ import lorakit  # noqa: E402
 from lorakit.routing import routing  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
+SECTIONS = ("train", "infer", "memory", "sweeps")
 
 
 def train_section(w: Workload, reps: int, clock: str) -> dict[str, list[float]]:
@@ -151,6 +153,13 @@ def main() -> None:
         help="wall: elapsed time; cpu: this process's CPU time (use with --threads 1 on a shared "
         "machine: it counts only this process's work)",
     )
+    parser.add_argument(
+        "--sections",
+        nargs="+",
+        choices=SECTIONS,
+        default=SECTIONS,
+        help="which tables to measure (default: all)",
+    )
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)
     parser.add_argument("--workload", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -172,25 +181,63 @@ def main() -> None:
         "ratios: medians of per-round ratios\n"
     )
 
-    train_raw = train_section(w, reps, args.clock)
+    result: dict[str, object] = {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "reps": reps,
+        "workload": dataclasses.asdict(w),
+        "clock": args.clock,
+    }
+    if "train" in args.sections:
+        result.update(train_tables(w, reps, args.clock))
+    if "infer" in args.sections:
+        result.update(infer_tables(w, reps, args.clock))
+    if "memory" in args.sections:
+        result.update(memory_tables(w, args.quick))
+    if "sweeps" in args.sections:
+        result.update(sweep_tables(w, reps, args.clock, args.quick))
+    print(f"load average {_load()} at the end (other processes share these cores)")
+    result["load_average_end"] = os.getloadavg()
+    result["wall_seconds"] = time.perf_counter() - started
+    RESULTS.mkdir(exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for path in (RESULTS / f"train_step-{stamp}.json", RESULTS / "train_step-latest.json"):
+        path.write_text(json.dumps(result, indent=2))
+    print(f"wrote {RESULTS / f'train_step-{stamp}.json'} ({result['wall_seconds']:.0f} s)")
+
+
+def train_tables(w: Workload, reps: int, clock: str) -> dict:
+    train_raw = train_section(w, reps, clock)
     train = {n: median(t) for n, t in train_raw.items()}
-    rows = [("train step", "ms", "/ floor", "/ PEFT (same dropout)")]
+    rows = [("train step", "ms", "/ floor", "/ floor, quartiles", "/ PEFT (same dropout)")]
     for name, t in train.items():
         ref = "peft dropout 0.1" if "dropout" in name else "peft"
-        ratios = (paired_ratio(train_raw, name, "floor"), paired_ratio(train_raw, name, ref))
-        rows.append((name, f"{t * 1e3:.0f}", *(f"{r:.3f}" for r in ratios)))
+        q1, q3 = ratio_quartiles(train_raw, name, "floor")
+        rows.append((
+            name,
+            f"{t * 1e3:.0f}",
+            f"{paired_ratio(train_raw, name, 'floor'):.3f}",
+            f"{q1:.3f}-{q3:.3f}",
+            f"{paired_ratio(train_raw, name, ref):.3f}",
+        ))  # fmt: skip
     print(table(rows), "\n")
+    return {"train_seconds": train, "train_raw_seconds": train_raw}
 
-    infer_raw = infer_section(w, 3 * reps, args.clock)  # short calls: more rounds, same time
+
+def infer_tables(w: Workload, reps: int, clock: str) -> dict:
+    infer_raw = infer_section(w, 3 * reps, clock)  # short calls: more rounds, same time
     infer = {n: median(t) for n, t in infer_raw.items()}
     rows = [(f"inference (no_grad forward, {3 * reps} rounds)", "ms", "/ base")]
     rows += [
         (n, f"{t * 1e3:.0f}", f"{paired_ratio(infer_raw, n, 'base'):.3f}") for n, t in infer.items()
     ]
     print(table(rows), "\n")
+    return {"infer_seconds": infer, "infer_raw_seconds": infer_raw}
 
+
+def memory_tables(w: Workload, quick: bool) -> dict:
     print("memory: peak resident memory of one train step above the resting process (MiB)")
-    if args.quick:
+    if quick:
         mem_variants = [("floor", 0.0), ("lorakit", 0.0), ("peft", 0.0)]
     else:
         mem_variants = [
@@ -209,13 +256,16 @@ def main() -> None:
             (name, f"{m['step_peak_mib']:.0f}", f"{m['step_peak_mib'] / ref['step_peak_mib']:.3f}")
         )
     print(table(rows), "\n")
+    return {"memory_mib": memory}
 
+
+def sweep_tables(w: Workload, reps: int, clock: str, quick: bool) -> dict:
     print("sweeps (train step):")
-    ranks = (4, 64) if args.quick else (4, 16, 64)
+    ranks = (4, 64) if quick else (4, 16, 64)
     workloads = [dataclasses.replace(w, rank=r) for r in ranks]
     hiddens = (
         [(256, 688, 4, 4, 8, 256)]
-        if args.quick
+        if quick
         else [
             (256, 688, 4, 4, 8, 256),
             (1024, 2752, 16, 4, 8, 256),
@@ -226,35 +276,14 @@ def main() -> None:
         dataclasses.replace(w, hidden=h, intermediate=i, heads=nh, layers=nl, batch=b, tokens=t)
         for h, i, nh, nl, b, t in hiddens
     ]
-    sweeps = sweep_section(workloads, reps, args.clock)
+    sweeps = sweep_section(workloads, reps, clock)
     rows = [("sweep", "lorakit / floor", "PEFT / floor", "lorakit / PEFT")]
     for s in sweeps:
         wl, raw = Workload(**s["workload"]), s["raw_seconds"]
         pairs = (("lorakit", "floor"), ("peft", "floor"), ("lorakit", "peft"))
         rows.append((wl.label(), *(f"{paired_ratio(raw, a, b):.3f}" for a, b in pairs)))
     print(table(rows), "\n")
-
-    print(f"load average {_load()} at the end (other processes share these cores)")
-    result = {
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "reps": reps,
-        "workload": dataclasses.asdict(w),
-        "clock": args.clock,
-        "train_seconds": train,
-        "train_raw_seconds": train_raw,
-        "infer_seconds": infer,
-        "infer_raw_seconds": infer_raw,
-        "memory_mib": memory,
-        "sweeps": sweeps,
-        "load_average_end": os.getloadavg(),
-        "wall_seconds": time.perf_counter() - started,
-    }
-    RESULTS.mkdir(exist_ok=True)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    for path in (RESULTS / f"train_step-{stamp}.json", RESULTS / "train_step-latest.json"):
-        path.write_text(json.dumps(result, indent=2))
-    print(f"wrote {RESULTS / f'train_step-{stamp}.json'} ({result['wall_seconds']:.0f} s)")
+    return {"sweeps": sweeps}
 
 
 if __name__ == "__main__":

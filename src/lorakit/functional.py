@@ -101,23 +101,27 @@ def dropout_keep(shape: tuple[int, ...], p: float, seed: int, device: torch.devi
     return words.view(torch.int16)[:n].view(shape) >= threshold
 
 
-def _row_blocks(x: Tensor, keep: Tensor) -> Iterator[tuple[slice, Tensor, Tensor]]:
-    """(rows, keep[rows] as x's dtype, a buffer for x[rows]) for row blocks of 2D x; reused."""
+def _row_blocks(x: Tensor, keep: Tensor, *others: Tensor) -> Iterator[tuple[Tensor, ...]]:
+    """Row blocks of 2D x: (x[rows], keep[rows] in x's dtype, a buffer like x[rows], *others[rows]).
+
+    The mask and the buffer are two reused tensors of about `_BLOCK` entries, so they stay in
+    cache; `others` are split along their rows alongside.
+    """
     n, d = x.shape
     step = max(1, _BLOCK // d)
-    mask_buf = x.new_empty(min(step, n), d)
-    out_buf = x.new_empty(min(step, n), d)
-    for start in range(0, n, step):
-        rows = slice(start, min(start + step, n))
-        k = rows.stop - start
-        yield rows, mask_buf[:k].copy_(keep[rows].view(torch.uint8)), out_buf[:k]
+    mask_buf, out_buf = x.new_empty(min(step, n), d), x.new_empty(min(step, n), d)
+    splits = (t.split(step) for t in (x, keep.view(torch.uint8), *others))
+    for xb, kb, *rest in zip(*splits):
+        k = xb.shape[0]
+        mask, buf = (mask_buf, out_buf) if k == step else (mask_buf[:k], out_buf[:k])
+        yield xb, mask.copy_(kb), buf, *rest
 
 
 def _masked_mm(x: Tensor, keep: Tensor, rhs: Tensor) -> Tensor:
     """(keep * x) @ rhs for x (N, in), keep (N, in) bool, rhs (in, r): (N, r)."""
     out = x.new_empty(x.shape[0], rhs.shape[1])
-    for rows, mask, buf in _row_blocks(x, keep):
-        torch.mm(torch.mul(x[rows], mask, out=buf), rhs, out=out[rows])
+    for xb, mask, buf, ob in _row_blocks(x, keep, out):
+        torch.mm(torch.mul(xb, mask, out=buf), rhs, out=ob)
     return out
 
 
@@ -126,8 +130,8 @@ def _masked_tmm(lhs: Tensor, x: Tensor, keep: Tensor) -> Tensor:
     if x.device.type in _FUSED_DROPOUT_DEVICES:
         return lhs.t() @ (x * keep)
     out = x.new_zeros(lhs.shape[1], x.shape[1])
-    for rows, mask, buf in _row_blocks(x, keep):
-        out.addmm_(lhs[rows].t(), torch.mul(x[rows], mask, out=buf))
+    for xb, mask, buf, lb in _row_blocks(x, keep, lhs):
+        out.addmm_(lb.t(), torch.mul(xb, mask, out=buf))
     return out
 
 
@@ -135,8 +139,8 @@ def _mask_(t: Tensor, keep: Tensor) -> Tensor:
     """t *= keep, in place, for t (N, in) and keep (N, in) bool."""
     if t.device.type in _FUSED_DROPOUT_DEVICES:
         return t.mul_(keep)
-    for rows, mask, _ in _row_blocks(t, keep):
-        t[rows].mul_(mask)
+    for tb, mask, _ in _row_blocks(t, keep):
+        tb.mul_(mask)
     return t
 
 
