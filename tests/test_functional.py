@@ -187,6 +187,25 @@ def test_fused_dropout_equals_reference_with_the_same_mask(monkeypatch, transpos
         _close(got, want)
 
 
+def test_fused_dropout_without_a_seed_draws_from_the_global_generator():
+    """seed=None (what the layers pass): masks come from torch's global generator, as
+    nn.Dropout's, so torch.manual_seed replays them; outputs and gradients match."""
+    x, weight, b, As, Bs, scales = _setup(2, True, False, (3, 5), b_grad=True)
+    ps = (0.3, 0.1)
+    inputs = (x, weight, b, *As, *Bs)
+    torch.manual_seed(4)
+    fused = fused_lora_linear(x, weight, b, As, Bs, scales, dropout=ps)
+    after = torch.rand(3)
+    torch.manual_seed(4)
+    masks = [dropout_mask((15, IN), p, None, x.device, x.dtype) for p in ps]
+    assert torch.equal(torch.rand(3), after)  # the same draws, in the same order
+    plain = _reference(x, weight, b, As, Bs, scales, masks)
+    _close(fused, plain)
+    for got, want in zip(_grads(fused, inputs), _grads(plain, inputs)):
+        _close(got, want)
+    assert not torch.equal(fused, fused_lora_linear(x, weight, b, As, Bs, scales, dropout=ps))
+
+
 def test_dropout_changes_the_output_in_expectation_only():
     x, weight, b, As, Bs, scales = _setup(1, False, False, (64,))
     with torch.no_grad():

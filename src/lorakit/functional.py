@@ -47,10 +47,10 @@ def merged_weight(weight: Tensor, delta: Tensor, sign: int = 1) -> Tensor:
 #
 # It keeps x (the caller's tensor, no copy), each h_a (N, r) and, with dropout, each mask k_a
 # as booleans (one byte per entry, where a dropped copy of x costs two or four), never
-# computes a gradient for W unless W asks for one. On the CPU the masks are drawn from a seed
-# by a private generator (four 16-bit draws per 64-bit word) and applied block by block
-# (k * x is never materialised: see `_BLOCK`); on CUDA by PyTorch's fused dropout kernel,
-# which writes k * x / (1 - p) and k in one pass. The big GEMMs (x W^T, g W)
+# computes a gradient for W unless W asks for one. Masks come from the global generator, as
+# nn.Dropout's: on the CPU as four 16-bit draws per 64-bit word, applied block by block (k * x
+# is never materialised: see `_BLOCK`); on CUDA from PyTorch's fused dropout kernel, which
+# writes k * x / (1 - p) and k in one pass. The big GEMMs (x W^T, g W)
 # accumulate into the buffer the thin rank-r products started (beta = 1), so the low-rank
 # terms cost no extra pass over y or grad_x. What remains is four thin GEMMs per layer, each
 # one pass over x or g, laid out (N, r), which runs faster than (r, N) on CPU BLAS.
@@ -84,16 +84,21 @@ def _keep_threshold(p: float) -> tuple[int, float]:
     return dropped - levels // 2, dropped / levels
 
 
-def dropout_keep(shape: tuple[int, ...], p: float, seed: int, device: torch.device) -> Tensor:
-    """Boolean keep-mask: each entry False with probability p (to 2**-16), deterministic in seed.
+def dropout_keep(
+    shape: tuple[int, ...], p: float, seed: int | None, device: torch.device
+) -> Tensor:
+    """Boolean keep-mask: each entry False with probability p (to 2**-16).
 
-    Four entries per 64-bit random word (16 bits each), drawn from a private generator
-    seeded with `seed`, so the global RNG stream is not consumed; about 4x cheaper than
-    `bernoulli_`, which draws one word per entry. The fused op draws its CPU masks here and
-    keeps them as booleans for the backward.
+    Four entries per 64-bit random word (16 bits each); about 4x cheaper than `bernoulli_`,
+    which draws one word per entry. The words come from the global generator, as
+    `nn.Dropout`'s do (so `torch.manual_seed` reproduces them), or with an int `seed` from a
+    private generator seeded with it, leaving the global stream alone. The fused op draws its
+    CPU masks here and keeps them as booleans for the backward.
     """
-    gen = torch.Generator(device=device)
-    gen.manual_seed(seed)
+    gen = None
+    if seed is not None:
+        gen = torch.Generator(device=device)
+        gen.manual_seed(seed)
     n = math.prod(shape)
     words = torch.empty((n + 3) // 4, dtype=torch.int64, device=device)
     words.random_(-(2**63), None, generator=gen)  # every bit uniform (no modulo: cheaper)
@@ -119,6 +124,8 @@ def _row_blocks(x: Tensor, keep: Tensor, *others: Tensor) -> Iterator[tuple[Tens
 
 def _masked_mm(x: Tensor, keep: Tensor, rhs: Tensor) -> Tensor:
     """(keep * x) @ rhs for x (N, in), keep (N, in) bool, rhs (in, r): (N, r)."""
+    if x.numel() <= _BLOCK:  # one block: the plain product costs less host time
+        return (x * keep) @ rhs
     out = x.new_empty(x.shape[0], rhs.shape[1])
     for xb, mask, buf, ob in _row_blocks(x, keep, out):
         torch.mm(torch.mul(xb, mask, out=buf), rhs, out=ob)
@@ -127,7 +134,7 @@ def _masked_mm(x: Tensor, keep: Tensor, rhs: Tensor) -> Tensor:
 
 def _masked_tmm(lhs: Tensor, x: Tensor, keep: Tensor) -> Tensor:
     """lhs^T @ (keep * x) for lhs (N, r), x (N, in), keep (N, in) bool: (r, in)."""
-    if x.device.type in _FUSED_DROPOUT_DEVICES:
+    if x.device.type in _FUSED_DROPOUT_DEVICES or x.numel() <= _BLOCK:
         return lhs.t() @ (x * keep)
     out = x.new_zeros(lhs.shape[1], x.shape[1])
     for xb, mask, buf, lb in _row_blocks(x, keep, lhs):
@@ -137,7 +144,7 @@ def _masked_tmm(lhs: Tensor, x: Tensor, keep: Tensor) -> Tensor:
 
 def _mask_(t: Tensor, keep: Tensor) -> Tensor:
     """t *= keep, in place, for t (N, in) and keep (N, in) bool."""
-    if t.device.type in _FUSED_DROPOUT_DEVICES:
+    if t.device.type in _FUSED_DROPOUT_DEVICES or t.numel() <= _BLOCK:
         return t.mul_(keep)
     for tb, mask, _ in _row_blocks(t, keep):
         tb.mul_(mask)
@@ -150,11 +157,13 @@ def _mask_(t: Tensor, keep: Tensor) -> Tensor:
 _FUSED_DROPOUT_DEVICES = ("cuda",)
 
 
-def _dropped_product(x: Tensor, A: Tensor, p: float, seed: int) -> tuple[Tensor, Tensor, float]:
+def _dropped_product(
+    x: Tensor, A: Tensor, p: float, seed: int | None
+) -> tuple[Tensor, Tensor, float]:
     """(h, keep, d) for 2D x: h = drop(x) A^T (N, r), keep the boolean mask, d = 1 / (1 - p).
 
     On CUDA, `native_dropout` gives the dropped, scaled x and the mask in one pass, from the
-    global generator; on the CPU the mask comes from `dropout_keep(seed)` (p' to 2**-16,
+    global generator; on the CPU the mask comes from `dropout_keep` (p' to 2**-16,
     d = 1 / (1 - p')) and is applied block by block as the product is taken.
     """
     if x.device.type in _FUSED_DROPOUT_DEVICES:
@@ -166,7 +175,7 @@ def _dropped_product(x: Tensor, A: Tensor, p: float, seed: int) -> tuple[Tensor,
 
 
 def dropout_mask(
-    shape: tuple[int, ...], p: float, seed: int, device: torch.device, dtype: torch.dtype
+    shape: tuple[int, ...], p: float, seed: int | None, device: torch.device, dtype: torch.dtype
 ) -> Tensor:
     """The fused op's inverted-dropout mask: 0 with probability p, else 1 / (1 - p)."""
     _, p_exact = _keep_threshold(p)
@@ -209,7 +218,7 @@ class _Plan(NamedTuple):
 
     scales: tuple[float, ...]
     dropout: tuple[float, ...]
-    seed: int
+    seed: int | None
     transposed: bool
     merge: bool
 
@@ -243,7 +252,7 @@ def _fused_forward(
         if p == 0:
             h, mask, d = F.linear(x, A), None, 1.0
         else:
-            h, mask, d = _dropped_product(x, A, p, seed + i)
+            h, mask, d = _dropped_product(x, A, p, None if seed is None else seed + i)
         h.mul_(s)  # (N, r); s folded in: grad_B = (h^T g)^T
         if y is None:
             y = F.linear(h, B, bias)
@@ -341,7 +350,7 @@ def fused_lora_linear(
     scales: tuple[float, ...],
     *,
     dropout: tuple[float, ...] | None = None,
-    seed: int = 0,
+    seed: int | None = None,
     transposed: bool = False,
     merge: bool | None = None,
 ) -> Tensor:
@@ -349,9 +358,10 @@ def fused_lora_linear(
 
     x: (..., in); weight: (out, in), or (in, out) with `transposed` (GPT-2's Conv1D);
     bias: (out,) or None; lora_A[a]: (r_a, in); lora_B[a]: (out, r_a); returns (..., out).
-    dropout[a] is adapter a's dropout probability (default 0); its mask comes on the CPU from
-    `seed + a` (`dropout_keep`, p to 2**-16), on CUDA from `torch.native_dropout` (the global
-    generator, exact p), and is kept as booleans for the backward (never a copy of x).
+    dropout[a] is adapter a's dropout probability (default 0); its mask comes from the global
+    generator (on the CPU via `dropout_keep`, p to 2**-16; on CUDA from `torch.native_dropout`,
+    exact p), or on the CPU with an int `seed` from a private generator seeded with `seed + a`,
+    and is kept as booleans for the backward (never a copy of x).
     Computes in x's dtype (adapter factors are cast to it: a tiny copy, never one of x);
     under autocast, in autocast's dtype.
     Gradients flow to x, A, B, and to weight and bias only when they require grad.

@@ -42,9 +42,6 @@ class LinearLora(LoraLayer):
         adapters = self._fused_adapters(x)
         if not adapters:
             return super().forward(x)
-        dropout = tuple(_dropout_p(a) for a in adapters)
-        # One draw from the global RNG per call, so torch.manual_seed reproduces the masks.
-        seed = int(torch.randint(0, 2**62, ())) if any(dropout) else 0
         return fused_lora_linear(
             x,
             self.weight,
@@ -52,8 +49,7 @@ class LinearLora(LoraLayer):
             tuple(a.lora_A for a in adapters),
             tuple(a.lora_B for a in adapters),
             tuple(a.scaling for a in adapters),
-            dropout=dropout,
-            seed=seed,
+            dropout=tuple(_dropout_p(a) for a in adapters),  # masks: global RNG, as nn.Dropout
             transposed=self.weight_transposed,
         )
 
@@ -73,7 +69,7 @@ class LinearLora(LoraLayer):
             if type(adapter) is not LoRA or type(adapter.dropout) not in (nn.Dropout, nn.Identity):
                 return []
             if _dropout_p(adapter) > 0 and torch.compiler.is_compiling():
-                return []  # seeded masks need a Python int; nn.Dropout compiles as is
+                return []  # nn.Dropout compiles as is; the 16-bit CPU masks are eager-only
         return adapters
 
 
