@@ -65,7 +65,7 @@ def _signature(layer: LoraLayer, names: tuple[str, ...]) -> tuple:
         ad = layer.lora[n]
         for p in (ad.lora_A, ad.lora_B):
             parts.append((p.data_ptr(), p._version, p.dtype, p.device, tuple(p.shape)))
-        parts.append((ad.scaling, _dropout_p(ad)))
+        parts.append((ad.scaling, ad.dropout_p))
     return tuple(parts)
 
 
@@ -81,7 +81,7 @@ def _stack(layer: LoraLayer, names: tuple[str, ...], signature: tuple = ()) -> _
     if layer.is_embedding:  # row i * vocab + id of the table is column id of A_i
         a_stack = a_stack.transpose(1, 2).reshape(-1, rank)
     per_adapter = torch.tensor(
-        [[0.0, 1.0]] + [[ad.scaling, 1.0 - _dropout_p(ad)] for ad in adapters],
+        [[0.0, 1.0]] + [[ad.scaling, 1.0 - ad.dropout_p] for ad in adapters],
         dtype=a_stack.dtype, device=a_stack.device,
     )  # fmt: skip
     index = {n: i + 1 for i, n in enumerate(names)}
@@ -203,11 +203,6 @@ def _embedding_h(ids: Tensor, st: _Stacks) -> Tensor:
     table = st.a.view(-1, st.rank)  # ((n+1) * vocab, r)
     flat = ids.reshape(batch, -1) + st.rows.view(batch, 1) * vocab
     return F.embedding(flat, table)
-
-
-def _dropout_p(adapter: nn.Module) -> float:
-    drop = adapter.dropout
-    return float(drop.p) if isinstance(drop, nn.Dropout) else 0.0
 
 
 @contextmanager

@@ -74,8 +74,8 @@ class LinearLora(LoraLayer):
 
 
 def _dropout_p(adapter: LoRA) -> float:
-    drop = adapter.dropout
-    return float(drop.p) if isinstance(drop, nn.Dropout) and drop.training else 0.0
+    """The dropout the fused op applies: none in eval mode."""
+    return adapter.dropout_p if adapter.dropout.training else 0.0
 
 
 class LoRALinear(LinearLora, nn.Linear):

@@ -64,6 +64,11 @@ class LoRA(nn.Module):
         self.reset_parameters()
 
     @property
+    def dropout_p(self) -> float:
+        """The dropout probability on the input (0 without dropout), in train and eval mode."""
+        return float(self.dropout.p) if isinstance(self.dropout, nn.Dropout) else 0.0
+
+    @property
     def in_features(self) -> int:
         return self.lora_A.shape[1]
 
