@@ -276,19 +276,14 @@ class _FusedLoraLinear(torch.autograd.Function):
     def forward(ctx, x, weight, bias, plan, *factors):  # noqa: ANN001
         y, hs, masks, dscales = _fused_forward(x, weight, bias, factors, plan)
         ctx.save_for_backward(x, weight, *factors, *hs, *masks)
-        ctx.scales, ctx.dscales, ctx.transposed, ctx.merge = (
-            plan.scales,
-            dscales,
-            plan.transposed,
-            plan.merge,
-        )
-        ctx.has_bias = bias is not None
+        ctx.plan, ctx.dscales, ctx.has_bias = plan, dscales, bias is not None
         return y
 
     @staticmethod
     def backward(ctx, g):  # noqa: ANN001
         x, weight, *rest = ctx.saved_tensors
-        n = len(ctx.scales)
+        plan = ctx.plan
+        n = len(plan.scales)
         factors, hs, masks = rest[: 2 * n], rest[2 * n : 3 * n], rest[3 * n :]
         need = ctx.needs_input_grad
         need_x, need_w, need_b = need[0], need[1], need[2] and ctx.has_bias
@@ -296,15 +291,15 @@ class _FusedLoraLinear(torch.autograd.Function):
             g = g.contiguous()
         grad_x = None
         grad_factors: list[Tensor | None] = []
-        for i, (s, d) in enumerate(zip(ctx.scales, ctx.dscales)):
+        for i, (s, d) in enumerate(zip(plan.scales, ctx.dscales)):
             A, B, h, keep = factors[2 * i], factors[2 * i + 1], hs[i], masks[i]
             need_a, need_bb = need[4 + 2 * i], need[5 + 2 * i]
             grad_b_a = (h.t() @ g).t() if need_bb else None  # (out, r), while g is in cache
-            if ctx.merge and not need_a:
+            if plan.merge and not need_a:
                 grad_factors += [None, grad_b_a]
                 continue
             u = (g @ B).mul_(s * d)  # (N, r) = s' g B
-            if need_x and not ctx.merge:
+            if need_x and not plan.merge:
                 if keep is not None:
                     term = _mask_(u @ A, keep)
                     grad_x = term if grad_x is None else grad_x.add_(term)
@@ -317,12 +312,12 @@ class _FusedLoraLinear(torch.autograd.Function):
                 grad_a = u.t() @ x if keep is None else _masked_tmm(u, x, keep)  # (r, in)
             grad_factors += [grad_a, grad_b_a]
         if need_x:
-            w = _merged(weight, factors, ctx.scales, ctx.transposed) if ctx.merge else weight
-            w = w.t() if ctx.transposed else w  # (out, in)
+            w = _merged(weight, factors, plan.scales, plan.transposed) if plan.merge else weight
+            w = w.t() if plan.transposed else w  # (out, in)
             grad_x = g @ w if grad_x is None else grad_x.addmm_(g, w)
         grad_w = None
         if need_w:
-            grad_w = x.t() @ g if ctx.transposed else g.t() @ x
+            grad_w = x.t() @ g if plan.transposed else g.t() @ x
         grad_b = g.sum(0) if need_b else None
         return grad_x, grad_w, grad_b, None, *grad_factors
 
