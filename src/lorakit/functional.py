@@ -66,10 +66,10 @@ def merged_weight(weight: Tensor, delta: Tensor, sign: int = 1) -> Tensor:
 
 _KEEP_BITS = 16  # resolution of the dropout probability: multiples of 2**-16
 
-# Masks are applied on the CPU in row blocks of about this many entries, through two small
-# buffers that stay in cache: the mask's bytes (read as uint8) cast to x's dtype, then the
-# product. `torch.where(keep, x, 0)` or `x * keep` over the whole (N, in) tensor run 3-4x slower:
-# mixed-dtype kernels are not vectorised, and every fresh N x in tensor is page-faulted in.
+# Masks are applied on the CPU in row blocks of about this many entries: x times the mask's
+# bytes (read as uint8) into one small buffer that stays in cache, which the thin GEMM then
+# reads. `torch.where(keep, x, 0)` or `x * keep` over the whole (N, in) tensor run 2-3x slower:
+# their kernels are not vectorised for bool, and every fresh N x in tensor is page-faulted in.
 _BLOCK = 1 << 16
 
 
@@ -107,19 +107,18 @@ def dropout_keep(
 
 
 def _row_blocks(x: Tensor, keep: Tensor, *others: Tensor) -> Iterator[tuple[Tensor, ...]]:
-    """Row blocks of 2D x: (x[rows], keep[rows] in x's dtype, a buffer like x[rows], *others[rows]).
+    """Row blocks of 2D x: (x[rows], keep[rows] as uint8, a buffer like x[rows], *others[rows]).
 
-    The mask and the buffer are two reused tensors of about `_BLOCK` entries, so they stay in
-    cache; `others` are split along their rows alongside.
+    The buffer is one reused tensor of about `_BLOCK` entries, so it stays in cache; `others`
+    are split along their rows alongside.
     """
     n, d = x.shape
     step = max(1, _BLOCK // d)
-    mask_buf, out_buf = x.new_empty(min(step, n), d), x.new_empty(min(step, n), d)
+    out_buf = x.new_empty(min(step, n), d)
     splits = (t.split(step) for t in (x, keep.view(torch.uint8), *others))
     for xb, kb, *rest in zip(*splits):
         k = xb.shape[0]
-        mask, buf = (mask_buf, out_buf) if k == step else (mask_buf[:k], out_buf[:k])
-        yield xb, mask.copy_(kb), buf, *rest
+        yield xb, kb, out_buf if k == step else out_buf[:k], *rest
 
 
 def _masked_mm(x: Tensor, keep: Tensor, rhs: Tensor) -> Tensor:
