@@ -187,6 +187,30 @@ def test_fused_dropout_equals_reference_with_the_same_mask(monkeypatch, transpos
         _close(got, want)
 
 
+@pytest.mark.parametrize(
+    ("dtype", "rtol"), [(torch.float64, 1e-12), (torch.bfloat16, 3e-2), (torch.float16, 3e-3)]
+)
+def test_fused_dropout_blocks_in_every_float_dtype(monkeypatch, dtype, rtol):
+    """The block-wise masking (2 rows a block here) in 16-bit and float64: outputs and
+    gradients agree with the float64 reference under the same masks, to the dtype's rounding."""
+    import lorakit.functional as functional
+
+    monkeypatch.setattr(functional, "_BLOCK", 2 * IN)
+    x, weight, b, As, Bs, scales = _setup(2, True, False, (3, 5), b_grad=True, dtype=dtype)
+    ps, seed = (0.3, 0.1), 11
+    fused = fused_lora_linear(x, weight, b, As, Bs, scales, dropout=ps, seed=seed)
+    assert fused.dtype == dtype
+    masks = [dropout_mask((15, IN), p, seed + i, x.device, torch.float64) for i, p in enumerate(ps)]
+    exact = [t.detach().double().requires_grad_() for t in (x, weight, b, *As, *Bs)]
+    plain = _reference(*exact[:3], exact[3:5], exact[5:], scales, masks)
+    _close(fused, plain, rtol)
+    live = (x, b, *As, *Bs)
+    got = _grads(fused.double(), live)
+    want = _grads(plain, [exact[0], exact[2], *exact[3:]])
+    for g_got, g_want in zip(got, want):  # sums over tokens: more roundings; the factors'
+        _close(g_got, g_want, max(rtol * 10, 1e-6))  # gradients come back in float32
+
+
 def test_fused_dropout_without_a_seed_draws_from_the_global_generator():
     """seed=None (what the layers pass): masks come from torch's global generator, as
     nn.Dropout's, so torch.manual_seed replays them; outputs and gradients match."""
