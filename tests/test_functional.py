@@ -165,16 +165,19 @@ def test_dropout_mask_leaves_the_global_rng_alone():
     assert torch.equal(torch.rand(3), expected)
 
 
+@pytest.mark.parametrize("x_grad", [True, False], ids=["grad-x", "frozen-x"])
 @pytest.mark.parametrize("block", [None, 2 * IN, 5], ids=["one-block", "2-rows", "row-by-row"])
 @pytest.mark.parametrize("transposed", [False, True])
-def test_fused_dropout_equals_reference_with_the_same_mask(monkeypatch, transposed, block):
+def test_fused_dropout_equals_reference_with_the_same_mask(monkeypatch, transposed, block, x_grad):
     """The CPU masks are applied in row blocks of `_BLOCK` entries (at least one row): 15 rows
-    in one block, in 8 blocks of 2 and a last of 1, and one row at a time, all equal."""
+    in one block, in 8 blocks of 2 and a last of 1, and one row at a time, all equal; with and
+    without a gradient for x (a first layer's input needs none)."""
     import lorakit.functional as functional
 
     if block is not None:
         monkeypatch.setattr(functional, "_BLOCK", block)
     x, weight, b, As, Bs, scales = _setup(2, True, transposed, (3, 5), b_grad=True)
+    x.requires_grad_(x_grad)
     ps, seed = (0.3, 0.1), 11
     inputs = (x, weight, b, *As, *Bs)
     fused = fused_lora_linear(

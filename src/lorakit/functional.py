@@ -131,27 +131,29 @@ def _masked_mm(x: Tensor, keep: Tensor, rhs: Tensor) -> Tensor:
     return out
 
 
-def _masked_tmm(lhs: Tensor, x: Tensor, keep: Tensor) -> Tensor:
-    """lhs^T @ (keep * x) for lhs (N, r), x (N, in), keep (N, in) bool: (r, in)."""
+def _masked_grads(
+    u: Tensor, A: Tensor, x: Tensor, keep: Tensor, need_x: bool, need_a: bool
+) -> tuple[Tensor | None, Tensor | None]:
+    """(u A) * keep (N, in) and u^T (keep * x) (r, in), each None when not needed.
+
+    u: (N, r), A: (r, in), x and keep: (N, in). On the CPU both products take their mask in one
+    pass over the row blocks (see `_BLOCK`).
+    """
+    term = u @ A if need_x else None
     if x.device.type in _FUSED_DROPOUT_DEVICES or x.numel() <= _BLOCK:
-        return lhs.t() @ (x * keep)
-    out = x.new_zeros(lhs.shape[1], x.shape[1])
-    for xb, mask, buf, lb in _row_blocks(x, keep, lhs):
-        out.addmm_(lb.t(), torch.mul(xb, mask, out=buf))
-    return out
-
-
-def _mask_(t: Tensor, keep: Tensor) -> Tensor:
-    """t *= keep, in place, for t (N, in) and keep (N, in) bool."""
-    if t.device.type in _FUSED_DROPOUT_DEVICES or t.numel() <= _BLOCK:
-        return t.mul_(keep)
-    for tb, mask, _ in _row_blocks(t, keep):
-        tb.mul_(mask)
-    return t
+        grad_a = u.t() @ (x * keep) if need_a else None
+        return (None if term is None else term.mul_(keep)), grad_a
+    grad_a = x.new_zeros(u.shape[1], x.shape[1]) if need_a else None
+    for xb, kb, buf, ub, *tb in _row_blocks(x, keep, u, *([] if term is None else [term])):
+        if tb:
+            tb[0].mul_(kb)
+        if grad_a is not None:
+            grad_a.addmm_(ub.t(), torch.mul(xb, kb, out=buf))
+    return term, grad_a
 
 
 # Devices where PyTorch's own fused dropout kernel (`native_dropout`: the dropped, scaled x and
-# its boolean mask in one pass, from the global generator) is cheaper than drawing seeded
+# its boolean mask in one pass, from the global generator) is cheaper than drawing
 # 16-bit masks: random numbers cost little there, a kernel launch more.
 _FUSED_DROPOUT_DEVICES = ("cuda",)
 
@@ -298,17 +300,16 @@ class _FusedLoraLinear(torch.autograd.Function):
                 grad_factors += [None, grad_b_a]
                 continue
             u = (g @ B).mul_(s * d)  # (N, r) = s' g B
-            if need_x and not plan.merge:
-                if keep is not None:
-                    term = _mask_(u @ A, keep)
-                    grad_x = term if grad_x is None else grad_x.add_(term)
-                elif grad_x is None:
-                    grad_x = u @ A
-                else:
-                    grad_x.addmm_(u, A)
             grad_a = None
-            if need_a:
-                grad_a = u.t() @ x if keep is None else _masked_tmm(u, x, keep)  # (r, in)
+            if keep is not None:  # dropout: never merged
+                term, grad_a = _masked_grads(u, A, x, keep, need_x, need_a)
+                if term is not None:
+                    grad_x = term if grad_x is None else grad_x.add_(term)
+            else:
+                if need_x and not plan.merge:
+                    grad_x = u @ A if grad_x is None else grad_x.addmm_(u, A)
+                if need_a:
+                    grad_a = u.t() @ x  # (r, in)
             grad_factors += [grad_a, grad_b_a]
         if need_x:
             w = _merged(weight, factors, plan.scales, plan.transposed) if plan.merge else weight
