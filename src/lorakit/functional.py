@@ -159,9 +159,9 @@ _FUSED_DROPOUT_DEVICES = ("cuda",)
 
 
 def _dropped_product(
-    x: Tensor, A: Tensor, p: float, seed: int | None
+    x: Tensor, A: Tensor, s: float, p: float, seed: int | None
 ) -> tuple[Tensor, Tensor, float]:
-    """(h, keep, d) for 2D x: h = drop(x) A^T (N, r), keep the boolean mask, d = 1 / (1 - p).
+    """(h, keep, d) for 2D x: h = s drop(x) A^T (N, r), keep the boolean mask, d = 1 / (1 - p).
 
     On CUDA, `native_dropout` gives the dropped, scaled x and the mask in one pass, from the
     global generator; on the CPU the mask comes from `dropout_keep` (p' to 2**-16,
@@ -169,10 +169,10 @@ def _dropped_product(
     """
     if x.device.type in _FUSED_DROPOUT_DEVICES:
         x_in, keep = torch.native_dropout(x, p, True)
-        return x_in @ A.t(), keep, 1.0 / (1.0 - p)
+        return (x_in @ A.t()).mul_(s), keep, 1.0 / (1.0 - p)
     keep = dropout_keep(x.shape, p, seed, x.device)
     d = 1.0 / (1.0 - _keep_threshold(p)[1])
-    return _masked_mm(x, keep, A.t()).mul_(d), keep, d
+    return _masked_mm(x, keep, A.t()).mul_(s * d), keep, d
 
 
 def dropout_mask(
@@ -250,11 +250,10 @@ def _fused_forward(
     hs, masks, dscales = [], [], []
     for i, (s, p) in enumerate(zip(scales, dropout)):
         A, B = factors[2 * i], factors[2 * i + 1]
-        if p == 0:
-            h, mask, d = F.linear(x, A), None, 1.0
+        if p == 0:  # h: (N, r), s folded in: grad_B = (h^T g)^T
+            h, mask, d = F.linear(x, A).mul_(s), None, 1.0
         else:
-            h, mask, d = _dropped_product(x, A, p, None if seed is None else seed + i)
-        h.mul_(s)  # (N, r); s folded in: grad_B = (h^T g)^T
+            h, mask, d = _dropped_product(x, A, s, p, None if seed is None else seed + i)
         if y is None:
             y = F.linear(h, B, bias)
         else:
