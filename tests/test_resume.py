@@ -11,8 +11,10 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
+from test_state import complete_checkpoint
 from tiny_hf import sentiment_records, tiny_model, write_jsonl
 
+from lorakit.cli import main
 from lorakit.train.distributed import DistEnv
 from lorakit.train.report import read_metrics
 from lorakit.train.state import latest_checkpoint, rng_state, set_rng_state
@@ -80,11 +82,10 @@ def test_sigkill_then_resume_gives_the_uninterrupted_adapter(tmp_path: Path) -> 
 
 
 def test_resume_ignores_a_half_written_checkpoint(tmp_path: Path) -> None:
-    good = tmp_path / "checkpoints" / "step-00000004"
-    good.mkdir(parents=True)
+    good = complete_checkpoint(tmp_path / "checkpoints" / "step-00000004")
     # what a crash during save leaves: a temporary folder, never a step-* name
     (tmp_path / "checkpoints" / ".tmp-step-00000008-1234").mkdir()
-    (tmp_path / "checkpoints" / ".tmp-step-00000008-1234" / "state.pt").write_bytes(b"torn")
+    (tmp_path / "checkpoints" / ".tmp-step-00000008-1234" / "state.json").write_bytes(b"torn")
     assert latest_checkpoint(tmp_path) == good
 
 
@@ -96,14 +97,16 @@ def test_rng_state_round_trips() -> None:
     assert DistEnv().world_size == 1
 
 
-def test_resume_without_checkpoint_starts_fresh(tmp_path: Path, capsys) -> None:
+def test_resume_without_checkpoint_is_an_error_naming_out(tmp_path: Path, capsys) -> None:
     model = tiny_model(tmp_path / "bert")
     data = write_jsonl(tmp_path / "train.jsonl", sentiment_records(40))
-    cmd = _command(model, data, tmp_path / "out", "--resume")
-    cmd[cmd.index("--max-steps") + 1] = "3"
-    _in_process(cmd)
-    assert "eval before training" in capsys.readouterr().err
-    assert (tmp_path / "out" / "adapter" / "adapter_model.safetensors").is_file()
+    out = tmp_path / "out"
+    cmd = _command(model, data, out, "--resume")
+    code = main(cmd[cmd.index("finetune") :])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert f"--resume: --out {out} holds no complete checkpoint to resume from" in err
+    assert "eval before training" not in err and not (out / "adapter").exists()
 
 
 def _in_process(cmd: list[str]) -> None:

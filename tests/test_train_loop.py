@@ -15,7 +15,7 @@ import lorakit
 from lorakit.errors import ConfigError
 from lorakit.train import TrainingError, TrainOptions, WarmupDecay, finetune
 from lorakit.train.report import read_metrics
-from lorakit.train.state import latest_checkpoint
+from lorakit.train.state import latest_checkpoint, read_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +120,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path: Path, bert_
         finetune(options)
     last = latest_checkpoint(tmp_path / "out")
     assert last is not None and last.name == "step-00000001"
-    state = torch.load(last / "state.pt", weights_only=False)
+    state = read_checkpoint(last)
     assert all(torch.isfinite(t).all() for t in state["model"].values())
     assert not (tmp_path / "out" / "adapter").exists()  # no final adapter from a diverged run
     events = [r for r in read_metrics(tmp_path / "out" / "metrics.jsonl") if "event" in r]
@@ -288,6 +288,6 @@ def test_a_fresh_run_in_the_same_folder_starts_a_fresh_metrics_file(
 ) -> None:
     data = write_jsonl(tmp_path / "train.jsonl", sentiment_records(40))
     finetune(_options(tmp_path, bert_dir, data))
-    finetune(_options(tmp_path, bert_dir, data))
+    finetune(_options(tmp_path, bert_dir, data, overwrite=True))
     records = read_metrics(tmp_path / "out" / "metrics.jsonl")
     assert [r["step"] for r in records if "eval" in r] == [0, records[-1]["step"]]

@@ -155,7 +155,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument(
         "--keep-checkpoints", type=int, default=d.keep_checkpoints, help="(default: %(default)s)"
     )
-    g.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
+    g.add_argument(
+        "--resume", action="store_true", help="continue from the newest checkpoint in --out"
+    )
+    g.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start afresh in an --out that holds an adapter or checkpoints, deleting them",
+    )
     g.add_argument("--fsdp", action="store_true", help="shard the base with FSDP2 (torchrun)")
     g.add_argument(
         "--precision",
@@ -206,6 +213,7 @@ def options_from_args(args: argparse.Namespace) -> tuple[TrainOptions, LoraConfi
         save_every=args.save_every,
         keep_checkpoints=args.keep_checkpoints,
         resume=args.resume,
+        overwrite=args.overwrite,
         fsdp=args.fsdp,
         precision=args.precision,
         threads=args.threads,

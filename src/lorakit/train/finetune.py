@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..config import LoraConfig
-from ..errors import ConfigError
+from ..errors import ConfigError, LorakitError
 from ..inject import InjectionReport, inject
 from .data import (
     CausalLMDataset,
@@ -27,11 +27,12 @@ from .data import (
     split_eval,
     validate_records,
 )
-from .distributed import DistEnv, barrier, setup, teardown
+from .distributed import DistEnv, barrier, broadcast_object, setup, teardown
 from .evaluate import METRIC, majority_accuracy
 from .loop import TrainResult, train
 from .model import infer_task, load_model, load_tokenizer, read_model_config
 from .options import Task, TrainOptions
+from .out_folder import check_out
 from .precision import load_dtype, upcast
 from .report import PLOT_FILE, plot, table
 from .state import trainable_state
@@ -76,7 +77,10 @@ def finetune(
     `dump_params` (for tests): each rank saves its trainable tensors to `<dir>/rank<r>.pt`.
 
     Raises:
-        ConfigError: a bad option, model folder or task, before training starts.
+        ConfigError: a bad option, model folder or task, before training starts; an `out`
+            that is a file or not writable, or that holds an earlier run (an adapter or
+            checkpoints) while neither `resume` nor `overwrite` is set.
+        CheckpointError: `resume` with no checkpoint in `out`, or one that cannot be read.
         DataError: bad data, naming the file, line and field.
         TrainingError: the loss became NaN or inf.
     """
@@ -95,6 +99,7 @@ def _finetune(
     options: TrainOptions, lora: LoraConfig | None, env: DistEnv, dump_params: str | None
 ) -> FinetuneResult | None:
     out = Path(options.out)
+    _check_out(options, env)  # before anything is written (the demo writes out/data)
     model_dir, data_file, eval_file, task = _resolve_inputs(options, env)
     tokenizer = load_tokenizer(model_dir)
     train_records = read_records(data_file)
@@ -175,6 +180,19 @@ def _finetune(
         n_eval=len(eval_data),
         summary=summary,
     )
+
+
+def _check_out(options: TrainOptions, env: DistEnv) -> None:
+    """`check_out` on rank 0, its error raised on every rank (none waits for a failed one)."""
+    error: LorakitError | None = None
+    if env.is_main:
+        try:
+            check_out(options.out, options.resume, options.overwrite)
+        except LorakitError as err:
+            error = err
+    error = broadcast_object(env, error)
+    if error is not None:
+        raise error
 
 
 def _resolve_inputs(options: TrainOptions, env: DistEnv) -> tuple[Path, Path, Path | None, Task]:

@@ -65,7 +65,9 @@ class TrainOptions:
         eval_every / log_every / save_every: in optimizer steps (0 disables; eval also
             runs before training and at the end, a checkpoint is written at the end).
         keep_checkpoints: how many recent checkpoints stay on disk.
-        resume: continue from the newest checkpoint in `out`.
+        resume: continue from the newest checkpoint in `out` (an error if it has none).
+        overwrite: start afresh in an `out` that already holds an adapter or checkpoints,
+            deleting them; without it (or `resume`) such an `out` is refused.
         fsdp: shard the base with FSDP2 `fully_shard` (needs torchrun).
         precision: "fp32", or "bf16": the base loaded in bfloat16 and every forward under
             autocast, adapters and modules_to_save kept in float32 (`train.precision`).
@@ -102,6 +104,7 @@ class TrainOptions:
     save_every: int = 50
     keep_checkpoints: int = 2
     resume: bool = False
+    overwrite: bool = False
     fsdp: bool = False
     precision: Precision = "fp32"
     threads: int = 0
@@ -137,3 +140,8 @@ class TrainOptions:
         _number(self.max_grad_norm, "max_grad_norm", 0.0)
         if not self.out:
             raise ConfigError("out must name a folder, got ''")
+        if self.resume and self.overwrite:
+            raise ConfigError(
+                "resume and overwrite exclude each other: resume continues the run in out, "
+                "overwrite replaces it"
+            )
