@@ -115,11 +115,13 @@ def load_model(
     task: Task,
     label_map: dict[str, int] | None = None,
     dtype: torch.dtype | None = None,
+    labels_source: str = "the training data",
 ) -> nn.Module:
     """The base model for `task`, from local files only (no network).
 
-    seq-cls gets a sequence-classification head sized by `label_map` (label -> id);
-    causal-lm a language-model head. dtype: load in it; None keeps the checkpoint's.
+    seq-cls gets a sequence-classification head sized by `label_map` (label -> id; None
+    keeps the checkpoint's labels); causal-lm a language-model head. dtype: load in it;
+    None keeps the checkpoint's. `labels_source` names where `label_map` came from in errors.
 
     Raises:
         ConfigError: the checkpoint's classification head has another number of labels.
@@ -129,8 +131,8 @@ def load_model(
     from transformers.utils import logging as hf_logging
 
     check_weight_files(model_dir)
-    if task == "seq-cls":
-        check_head(read_model_config(model_dir), model_dir, label_map or {})
+    if task == "seq-cls" and label_map is not None:
+        check_head(read_model_config(model_dir), model_dir, label_map, labels_source)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the "newly initialized classifier" report is expected
     hf_logging.disable_progress_bar()
@@ -139,13 +141,8 @@ def load_model(
         common["dtype"] = dtype
     try:
         if task == "seq-cls":
-            labels = label_map or {}
             return AutoModelForSequenceClassification.from_pretrained(
-                str(model_dir),
-                **common,
-                num_labels=len(labels),
-                id2label={i: label for label, i in labels.items()},
-                label2id=dict(labels),
+                str(model_dir), **common, **label_kwargs(label_map)
             )
         return AutoModelForCausalLM.from_pretrained(str(model_dir), **common)
     except (OSError, ValueError, RuntimeError) as err:
@@ -166,13 +163,29 @@ def head_labels(config: dict[str, Any]) -> int | None:
     return int(config.get("num_labels", 2))  # transformers' default head has 2 labels
 
 
-def check_head(config: dict[str, Any], model_dir: str | Path, label_map: dict[str, int]) -> None:
+def label_kwargs(label_map: dict[str, int] | None) -> dict[str, Any]:
+    """from_pretrained's keyword arguments for a head of `label_map`'s labels (None: none)."""
+    if label_map is None:
+        return {}
+    return {
+        "num_labels": len(label_map),
+        "id2label": {i: label for label, i in label_map.items()},
+        "label2id": dict(label_map),
+    }
+
+
+def check_head(
+    config: dict[str, Any],
+    model_dir: str | Path,
+    label_map: dict[str, int],
+    labels_source: str = "the training data",
+) -> None:
     """Refuse a checkpoint whose classification head does not have one output per label."""
     n = head_labels(config)
     if n is None or n == len(label_map):
         return
     raise ConfigError(
         f"{Path(model_dir) / 'config.json'}: the checkpoint's classification head has {n} "
-        f"labels but the training data has {len(label_map)} ({', '.join(map(repr, label_map))})"
+        f"labels but {labels_source} has {len(label_map)} ({', '.join(map(repr, label_map))})"
         "; use data with that many classes, or a model folder without a classification head"
     )
