@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +18,7 @@ from transformers import AutoModelForCausalLM, BertForSequenceClassification, GP
 import lorakit
 from lorakit.cli import main
 
+PREDICT = Path(__file__).resolve().parents[1] / "examples" / "predict.py"
 IDS = torch.randint(0, 100, (2, 7), generator=torch.Generator().manual_seed(3))
 
 
@@ -156,3 +158,95 @@ def test_inspect_peft_adapter_and_errors(tmp_path: Path, capsys) -> None:
     (tmp_path / "peft" / "adapter_model.safetensors").write_bytes(b"\x01\x02")
     assert main(["inspect", str(tmp_path / "peft")]) == 2
     assert "adapter_model.safetensors is not a readable" in capsys.readouterr().err
+
+
+# -- finetune -> merge -> predict, on a base folder whose config names the bare BertModel -----
+@pytest.fixture(scope="module")
+def finetuned(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(bare base folder, finetune run folder): the demo's layout, tiny."""
+    from tiny_hf import sentiment_records, tiny_model, write_jsonl
+
+    root = tmp_path_factory.mktemp("flow")
+    base = tiny_model(root / "base", "bert-base")  # architectures: ["BertModel"], as the demo
+    data = write_jsonl(root / "train.jsonl", sentiment_records(24))
+    argv = ["finetune", "--model", str(base), "--task", "seq-cls", "--data", str(data),
+            "--out", str(root / "run"), "--max-steps", "2", "--threads", "1", "--progress", "none",
+            "--lr", "0.05"]  # fmt: skip
+    assert main(argv) == 0
+    return base, root / "run"
+
+
+TEXTS = ["the movie was great", "so awful", "a very nice book", "my sad day"]
+
+
+def _predict_module():
+    """examples/predict.py as a module."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("predict", PREDICT)
+    predict = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(predict)
+    return predict
+
+
+def test_merge_a_finetune_adapter_onto_the_bare_base(finetuned, tmp_path: Path, capsys) -> None:
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    base, run = finetuned
+    out = tmp_path / "merged"
+    assert main(["merge", "--base", str(base), "--adapter", str(run / "adapter"),
+                 "--out", str(out)]) == 0  # fmt: skip
+    merged = AutoModelForSequenceClassification.from_pretrained(out).eval()
+    assert type(merged).__name__ == "BertForSequenceClassification"
+    assert merged.config.id2label == {0: "neg", 1: "pos"}
+    assert merged.config.label2id == {"neg": 0, "pos": 1}
+    adapted, _ = _predict_module().load(run)
+    batch = AutoTokenizer.from_pretrained(out)(TEXTS, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        torch.testing.assert_close(merged(**batch).logits, adapted(**batch).logits,
+                                   rtol=0, atol=1e-5)  # fmt: skip
+
+
+def test_merge_without_task_info_names_the_class_problem(finetuned, tmp_path: Path, capsys):
+    base, run = finetuned
+    adapter = shutil.copytree(run / "adapter", tmp_path / "adapter")  # no run.json beside it
+    argv = ["merge", "--base", str(base), "--adapter", str(adapter), "--out"]
+    assert main([*argv, str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "was trained on a model with a task head (its layers sit under 'bert.')" in err
+    assert "names BertModel, the bare model; pass --task seq-cls" in err
+    assert "another base model" not in err and not (tmp_path / "o").exists()
+    assert main([*argv, str(tmp_path / "o"), "--task", "seq-cls"]) == 0
+    assert (tmp_path / "o" / "model.safetensors").is_file()
+
+
+def test_merge_refuses_a_classifier_without_any_head(tmp_path: Path, capsys) -> None:
+    from tiny_hf import tiny_model
+
+    base = tiny_model(tmp_path / "base", "bert-base")
+    model = BertForSequenceClassification.from_pretrained(base)
+    lorakit.inject(model, lorakit.LoraConfig(targets=("query",)))  # head not saved
+    lorakit.save_adapter(model, tmp_path / "adapter")
+    argv = ["merge", "--base", str(base), "--adapter", str(tmp_path / "adapter"),
+            "--task", "seq-cls", "--out", str(tmp_path / "o")]  # fmt: skip
+    assert main(argv) == 2
+    assert "holds no classification head (modules_to_save is empty)" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_predict_example_agrees_with_the_merged_model(finetuned, tmp_path: Path) -> None:
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    base, run = finetuned
+    done = subprocess.run([sys.executable, str(PREDICT), str(run), *TEXTS],
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    out = tmp_path / "merged"  # an independent route to the same predictions
+    assert main(["merge", "--base", str(base), "--adapter", str(run / "adapter"),
+                 "--out", str(out)]) == 0  # fmt: skip
+    merged = AutoModelForSequenceClassification.from_pretrained(out).eval()
+    batch = AutoTokenizer.from_pretrained(out)(TEXTS, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        ids = merged(**batch).logits.argmax(-1).tolist()
+    want = [f"{merged.config.id2label[i]}\t{text}" for i, text in zip(ids, TEXTS)]
+    assert done.stdout.splitlines() == want

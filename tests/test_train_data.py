@@ -92,6 +92,16 @@ def test_utf8_bom_is_accepted(tmp_path):
         ("list.jsonl", '{"text": "a"}\n["b"]\n', r"list\.jsonl, line 2: expected a JSON object"),
         ("wide.csv", "text,label\na,b,c\n", r"wide\.csv, line 2: row has more fields"),
         ("data.txt", "hello\n", r"data\.txt: unsupported file type '\.txt'"),
+        (
+            "deep.jsonl",
+            '{"text": "a"}\n' + "[" * 100_000 + "]" * 100_000 + "\n",
+            r"deep\.jsonl, line 2: JSON nested too deeply",
+        ),
+        (
+            "digits.jsonl",
+            '{"text": "a", "label": ' + "9" * 5000 + "}\n",
+            r"digits\.jsonl, line 1: unreadable JSON value \(Exceeds the limit",
+        ),
     ],
 )
 def test_read_errors(tmp_path, name, content, pattern):
@@ -168,6 +178,14 @@ def test_label_map_is_sorted_strings():
     records = [{"label": "b"}, {"label": 2}, {"label": "2"}, {"label": "a"}]
     assert build_label_map(records) == {"2": 0, "a": 1, "b": 2}
     assert encode_labels(records, build_label_map(records), "f") == [2, 0, 0, 1]
+
+
+@pytest.mark.parametrize("labels", [["pos", "pos", "pos"], ["1", 1]])
+def test_label_map_needs_two_classes(labels):
+    records = [{"label": label} for label in labels]
+    pattern = r"train\.jsonl: field 'label' has 1 distinct value\(s\) \['(pos|1)'\]"
+    with pytest.raises(DataError, match=pattern + ".*at least 2 classes"):
+        build_label_map(records, "train.jsonl")
 
 
 def test_unseen_label(tmp_path):

@@ -17,7 +17,6 @@ from torch import Tensor, nn
 
 from ..errors import AdapterError, CheckpointError, TargetNotFoundError
 from ..inject import adapter_configs, check_adapter_name, find_targets, inject, lora_layers
-from ..layers.gpt2 import Conv1DLora
 from .io import (
     CONFIG_NAME,
     WEIGHTS_NAME,
@@ -85,7 +84,8 @@ def save_adapter(model: nn.Module, path: str | PathLike, adapter_name: str = DEF
     tensors = {
         key: _tensor(model, slot, adapter_name) for key, slot in slots.items() if not slot.optional
     }
-    fan_in_fan_out = any(isinstance(layer, Conv1DLora) for _, layer in targets)
+    # GPT-2 Conv1D layers store W as (in, out); by the class flag, so transformers stays optional.
+    fan_in_fan_out = any(getattr(layer, "weight_transposed", False) for _, layer in targets)
     name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
     peft_config = to_peft(
         config, peft_targets(model, config, [p for p, _ in targets]), fan_in_fan_out, name_or_path

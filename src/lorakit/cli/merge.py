@@ -1,10 +1,14 @@
 """`lorakit merge --base MODEL_DIR --adapter PATH --out DIR`: fold an adapter into a model.
 
-Loads the `transformers` model in MODEL_DIR (its config's `architectures[0]`, local files
-only), loads the adapter (PEFT format) into it, merges W' = W + s B A, removes the adapter
-layers and writes a plain `transformers` folder (safetensors) that `from_pretrained` loads
-with the adapted outputs. Tokenizer and other side files of MODEL_DIR are copied along.
+Loads the `transformers` model in MODEL_DIR (local files only) with the head of the
+adapter's task, loads the adapter (PEFT format) into it, merges W' = W + s B A, removes the
+adapter layers and writes a plain `transformers` folder (safetensors) that `from_pretrained`
+loads with the adapted outputs. Tokenizer and other side files of MODEL_DIR are copied along.
 The folder is written beside DIR under a temporary name and renamed into place at the end.
+
+The task comes from --task, else the adapter's `task_type`, else the `run.json` that
+`lorakit finetune` writes beside its adapter (which also carries the label names), else the
+model folder's config (`architectures[0]`).
 """
 
 from __future__ import annotations
@@ -13,32 +17,51 @@ import argparse
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from torch import nn
 
 from ..checkpoint import load_adapter, read_adapter
+from ..checkpoint.io import read_json
 from ..errors import CheckpointError
 from ..inject import lora_layers
 from ..merge import merge_and_unload
+from ..train.model import check_weight_files, head_labels, load_model, read_model_config
+from ..train.options import TASKS
 
 # Files of a model folder that describe the weights; everything else (tokenizer, generation
 # config, README) is copied from the base folder when save_pretrained did not write it.
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".index.json", ".h5", ".msgpack")
+# PEFT's task_type values for the tasks lorakit trains.
+_PEFT_TASKS = {"SEQ_CLS": "seq-cls", "CAUSAL_LM": "causal-lm"}
+RUN_FILE = "run.json"  # written by `lorakit finetune` beside its adapter folder
+_PEFT_PREFIX = "base_model.model."
 
 
-def load_base(model_dir: Path) -> nn.Module:
-    """The transformers model saved in `model_dir`, by its config's first architecture.
+def load_base(
+    model_dir: Path, task: str | None = None, labels: dict[str, int] | None = None
+) -> nn.Module:
+    """The transformers model saved in `model_dir`: with `task`'s head (and `labels`) when
+    given, else by its config's first architecture.
 
     Raises:
         CheckpointError: no folder, no config.json, an unknown architecture, unreadable weights.
+        ConfigError: the checkpoint's classification head does not fit `labels`.
     """
-    import transformers
-
     if not model_dir.is_dir():
         raise CheckpointError(f"--base {model_dir} does not exist or is not a folder")
     if not (model_dir / "config.json").is_file():
         raise CheckpointError(f"{model_dir} holds no config.json; --base needs a transformers "
                               "model folder (save_pretrained)")  # fmt: skip
+    check_weight_files(model_dir)
+    if task is not None:
+        return load_model(model_dir, task, labels, labels_source="the adapter's labels").eval()
+    return _load_by_architecture(model_dir)
+
+
+def _load_by_architecture(model_dir: Path) -> nn.Module:
+    import transformers
+
     try:
         config = transformers.AutoConfig.from_pretrained(model_dir, local_files_only=True)
     except (OSError, ValueError) as err:
@@ -56,32 +79,120 @@ def load_base(model_dir: Path) -> nn.Module:
         raise CheckpointError(f"{model_dir}: cannot load {cls.__name__}: {err}") from None
 
 
+def adapter_task(
+    folder: Path, raw: dict[str, Any], task: str | None
+) -> tuple[str | None, dict[str, int] | None]:
+    """(task, labels) of the adapter in `folder`: --task, PEFT's task_type, or finetune's
+    run.json beside the folder; labels (label -> id) only from run.json."""
+    run = _read_run(folder.parent / RUN_FILE)
+    task = task or _PEFT_TASKS.get(str(raw.get("task_type"))) or run.get("task")
+    labels = run.get("labels") if task == "seq-cls" else None
+    return task, labels
+
+
+def _read_run(path: Path) -> dict[str, Any]:
+    """The task and labels of a finetune run.json; {} when there is none."""
+    if not path.is_file():
+        return {}
+    run = read_json(path)
+    task, labels = run.get("task"), run.get("labels")
+    if task is not None and task not in TASKS:
+        raise CheckpointError(f"{path}: task {task!r} is not one of {list(TASKS)}")
+    valid = isinstance(labels, dict) and all(
+        isinstance(k, str) and isinstance(v, int) for k, v in labels.items()
+    )
+    if labels is not None and not valid:
+        raise CheckpointError(f"{path}: labels must map label names to class ids, got {labels!r}")
+    return {"task": task, "labels": labels}
+
+
+def check_head_source(model: nn.Module, raw: dict[str, Any], base: Path, adapter: Path) -> None:
+    """Refuse a classifier whose head neither the base nor the adapter holds (it is random)."""
+    has_head = head_labels(read_model_config(base)) is not None
+    if not has_head and not raw.get("modules_to_save"):
+        raise CheckpointError(
+            f"{adapter} holds no classification head (modules_to_save is empty) and {base} "
+            f"has none either: the merged {type(model).__name__} would classify at random"
+        )
+
+
+def explain_bare_model(
+    model: nn.Module, tensors: dict[str, Any], base: Path, adapter: Path
+) -> None:
+    """Raise when the adapter was trained on `model`'s class with a task head on top.
+
+    A task model (BertForSequenceClassification) keeps the bare one under its
+    `base_model_prefix` ("bert."), so its adapter's paths start with it and a bare model's
+    paths do not: that, not other weights, is why such an adapter does not fit.
+    """
+    prefix = getattr(model, "base_model_prefix", "")
+    if not prefix or hasattr(model, prefix):
+        return  # a model with a task head, or one without a prefix
+    if any(k.removeprefix(_PEFT_PREFIX).startswith(f"{prefix}.") for k in tensors):
+        raise CheckpointError(
+            f"{adapter} was trained on a model with a task head (its layers sit under "
+            f"'{prefix}.') but {base / 'config.json'} names {type(model).__name__}, the bare "
+            "model; pass --task seq-cls or --task causal-lm"
+        )
+
+
+def _make_tmp(out: Path) -> Path:
+    """An empty folder beside `out`, to be renamed into place; CheckpointError when `out`'s
+    parent cannot be written."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    except OSError as err:
+        raise CheckpointError(f"cannot write --out {out}: {err.strerror or err}") from None
+
+
+def _save(model: nn.Module, base: Path, tmp: Path, out: Path) -> None:
+    """Write the merged model and the base's side files to `tmp`, then rename it to `out`."""
+    model.save_pretrained(tmp)  # transformers writes safetensors
+    for f in base.iterdir():
+        side_file = f.is_file() and not f.name.endswith(_WEIGHT_SUFFIXES)
+        if side_file and not (tmp / f.name).exists():
+            shutil.copy2(f, tmp / f.name)
+    if out.exists():
+        out.rmdir()  # empty (checked before)
+    tmp.rename(out)
+
+
 def merge_folder(
-    base: Path, adapter: Path, out: Path, adapter_name: str = "default", allow_pickle: bool = False
+    base: Path,
+    adapter: Path,
+    out: Path,
+    adapter_name: str = "default",
+    allow_pickle: bool = False,
+    task: str | None = None,
 ) -> tuple[int, Path]:
     """Write base + adapter, merged, to `out`; returns (layers merged, out).
 
     Raises:
-        CheckpointError: `out` exists and is not empty, or base / adapter cannot be read.
+        CheckpointError: `out` exists and is not empty or cannot be written, base / adapter
+            cannot be read, or the adapter does not fit the base (the message says why).
     """
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise CheckpointError(f"--out {out} exists and is not empty; pick a new folder")
-    read_adapter(adapter, adapter_name, allow_pickle=allow_pickle)  # fail fast, before the model
-    model = load_base(base)
-    load_adapter(model, adapter, adapter_name, allow_pickle=allow_pickle)
-    layers = len(list(lora_layers(model)))
-    merge_and_unload(model)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    # Read and check the adapter first: it is small, the model is not.
+    folder, raw, tensors, _ = read_adapter(adapter, adapter_name, allow_pickle=allow_pickle)
+    task, labels = adapter_task(folder, raw, task)
+    tmp = _make_tmp(out)
     try:
-        model.save_pretrained(tmp)  # transformers writes safetensors
-        for f in base.iterdir():
-            side_file = f.is_file() and not f.name.endswith(_WEIGHT_SUFFIXES)
-            if side_file and not (tmp / f.name).exists():
-                shutil.copy2(f, tmp / f.name)
-        if out.exists():
-            out.rmdir()  # empty (checked above)
-        tmp.rename(out)
+        model = load_base(base, task, labels)
+        if task == "seq-cls":
+            check_head_source(model, raw, base, adapter)
+        try:
+            load_adapter(model, adapter, adapter_name, allow_pickle=allow_pickle)
+        except CheckpointError:
+            explain_bare_model(model, tensors, base, adapter)
+            raise
+        layers = len(list(lora_layers(model)))
+        merge_and_unload(model)
+        _save(model, base, tmp, out)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"cannot write --out {out}: {err.strerror or err}") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -90,7 +201,12 @@ def merge_folder(
 
 def run(args: argparse.Namespace) -> int:
     layers, out = merge_folder(
-        Path(args.base), Path(args.adapter), Path(args.out), args.adapter_name, args.allow_pickle
+        Path(args.base),
+        Path(args.adapter),
+        Path(args.out),
+        args.adapter_name,
+        args.allow_pickle,
+        args.task,
     )
     print(f"merged {args.adapter} into {layers} layers of {args.base} -> {out}")
     return 0
@@ -106,6 +222,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="transformers model folder (config.json + weights)")  # fmt: skip
     parser.add_argument("--adapter", required=True, metavar="PATH", help="adapter folder")
     parser.add_argument("--out", required=True, metavar="DIR", help="new folder to write")
+    parser.add_argument(
+        "--task",
+        choices=TASKS,
+        help="the head to load the base with (default: the adapter's task_type, the run.json "
+        "of `lorakit finetune` beside it, else the base config's architectures)",
+    )
     parser.add_argument(
         "--adapter-name", default="default", help="read PATH/NAME when it holds an adapter"
     )

@@ -98,16 +98,25 @@ def _parse_jsonl(text: str, path: Path) -> list[Record]:
     for line_no, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}, line {line_no}: invalid JSON ({e.msg})") from None
+        obj = _load_json_line(line, path, line_no)
         if not isinstance(obj, dict):
             raise DataError(
                 f"{path}, line {line_no}: expected a JSON object, got {type(obj).__name__}"
             )
         records.append({**obj, LINE_KEY: line_no})
     return records
+
+
+def _load_json_line(line: str, path: Path, line_no: int) -> Any:
+    """One JSON value; malformed, too deeply nested or oversized input is a DataError."""
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}, line {line_no}: invalid JSON ({e.msg})") from None
+    except RecursionError:
+        raise DataError(f"{path}, line {line_no}: JSON nested too deeply to read") from None
+    except ValueError as e:  # e.g. an integer over Python's 4300-digit conversion limit
+        raise DataError(f"{path}, line {line_no}: unreadable JSON value ({e})") from None
 
 
 def _parse_csv(text: str, path: Path) -> list[Record]:
@@ -193,9 +202,21 @@ def _check_prompt_completion(record: Record, path: str | Path) -> None:
 # --------------------------------------------------------------------------- labels
 
 
-def build_label_map(train_records: Sequence[Record]) -> dict[str, int]:
-    """Map each distinct training label (as a string) to a class id, in sorted order."""
+def build_label_map(
+    train_records: Sequence[Record], path: str | Path = "the training data"
+) -> dict[str, int]:
+    """Map each distinct training label (as a string) to a class id, in sorted order.
+
+    Raises:
+        DataError: fewer than 2 distinct labels (a classifier of one class learns nothing,
+            yet reports accuracy 1.0); the message names `path` and the field.
+    """
     labels = sorted({str(r["label"]) for r in train_records})
+    if len(labels) < 2:
+        raise DataError(
+            f"{path}: field 'label' has {len(labels)} distinct value(s) {labels} in the "
+            "training records; classification needs at least 2 classes"
+        )
     return {label: i for i, label in enumerate(labels)}
 
 

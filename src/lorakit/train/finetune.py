@@ -110,7 +110,7 @@ def _finetune(
     else:
         train_records, eval_records = split_eval(train_records, options.eval_fraction, options.seed)
         eval_file = data_file
-    label_map = build_label_map(train_records) if task == "seq-cls" else None
+    label_map = build_label_map(train_records, data_file) if task == "seq-cls" else None
     n, side = options.max_length, options.truncation_side
     if task == "seq-cls":
         train_data = SeqClsDataset(train_records, tokenizer, label_map, n, data_file, side)

@@ -60,10 +60,50 @@ def infer_task(config: dict[str, Any], task: str | None, model_dir: str | Path) 
     )
 
 
+# Files that hold a tokenizer's vocabulary; without one, transformers quietly builds a
+# tokenizer of special tokens only and every word becomes [UNK].
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "vocab.txt",
+    "vocab.json",
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+)
+
+
+def check_tokenizer_files(model_dir: str | Path) -> None:
+    """Raise ConfigError naming the folder when it holds no tokenizer vocabulary file."""
+    path = Path(model_dir)
+    if any((path / name).is_file() for name in TOKENIZER_FILES) or any(path.glob("*.tiktoken")):
+        return
+    raise ConfigError(
+        f"model folder {str(path)!r} has no tokenizer files (none of {', '.join(TOKENIZER_FILES)}"
+        "); copy in the files the model's tokenizer.save_pretrained wrote"
+    )
+
+
+def check_weight_files(model_dir: str | Path) -> None:
+    """Read the header of every safetensors file in the folder: damage named before loading.
+
+    Raises:
+        CheckpointError: a file is truncated or is not safetensors, naming it.
+    """
+    from ..checkpoint.io import read_header
+
+    for weights in sorted(Path(model_dir).glob("*.safetensors")):
+        read_header(weights)
+
+
 def load_tokenizer(model_dir: str | Path) -> Any:
-    """The model's own tokenizer, from local files only."""
+    """The model's own tokenizer, from local files only.
+
+    Raises:
+        ConfigError: the folder holds no tokenizer files, or transformers cannot read them.
+    """
     from transformers import AutoTokenizer
 
+    check_tokenizer_files(model_dir)
     try:
         return AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
     except (OSError, ValueError) as err:
@@ -75,15 +115,24 @@ def load_model(
     task: Task,
     label_map: dict[str, int] | None = None,
     dtype: torch.dtype | None = None,
+    labels_source: str = "the training data",
 ) -> nn.Module:
     """The base model for `task`, from local files only (no network).
 
-    seq-cls gets a sequence-classification head sized by `label_map` (label -> id);
-    causal-lm a language-model head. dtype: load in it; None keeps the checkpoint's.
+    seq-cls gets a sequence-classification head sized by `label_map` (label -> id; None
+    keeps the checkpoint's labels); causal-lm a language-model head. dtype: load in it;
+    None keeps the checkpoint's. `labels_source` names where `label_map` came from in errors.
+
+    Raises:
+        ConfigError: the checkpoint's classification head has another number of labels.
+        CheckpointError: a weights file is damaged.
     """
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
+    check_weight_files(model_dir)
+    if task == "seq-cls" and label_map is not None:
+        check_head(read_model_config(model_dir), model_dir, label_map, labels_source)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the "newly initialized classifier" report is expected
     hf_logging.disable_progress_bar()
@@ -92,17 +141,51 @@ def load_model(
         common["dtype"] = dtype
     try:
         if task == "seq-cls":
-            labels = label_map or {}
             return AutoModelForSequenceClassification.from_pretrained(
-                str(model_dir),
-                **common,
-                num_labels=len(labels),
-                id2label={i: label for label, i in labels.items()},
-                label2id=dict(labels),
+                str(model_dir), **common, **label_kwargs(label_map)
             )
         return AutoModelForCausalLM.from_pretrained(str(model_dir), **common)
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, RuntimeError) as err:
         raise ConfigError(f"cannot load a {task} model from {str(model_dir)!r}: {err}") from None
     finally:
         hf_logging.set_verbosity(verbosity)
         hf_logging.enable_progress_bar()
+
+
+def head_labels(config: dict[str, Any]) -> int | None:
+    """How many labels the checkpoint's sequence-classification head has; None: no head."""
+    architectures = config.get("architectures") or []
+    if not any(str(a).endswith(_ARCH_SUFFIXES["seq-cls"]) for a in architectures):
+        return None
+    id2label = config.get("id2label")
+    if id2label:
+        return len(id2label)
+    return int(config.get("num_labels", 2))  # transformers' default head has 2 labels
+
+
+def label_kwargs(label_map: dict[str, int] | None) -> dict[str, Any]:
+    """from_pretrained's keyword arguments for a head of `label_map`'s labels (None: none)."""
+    if label_map is None:
+        return {}
+    return {
+        "num_labels": len(label_map),
+        "id2label": {i: label for label, i in label_map.items()},
+        "label2id": dict(label_map),
+    }
+
+
+def check_head(
+    config: dict[str, Any],
+    model_dir: str | Path,
+    label_map: dict[str, int],
+    labels_source: str = "the training data",
+) -> None:
+    """Refuse a checkpoint whose classification head does not have one output per label."""
+    n = head_labels(config)
+    if n is None or n == len(label_map):
+        return
+    raise ConfigError(
+        f"{Path(model_dir) / 'config.json'}: the checkpoint's classification head has {n} "
+        f"labels but {labels_source} has {len(label_map)} ({', '.join(map(repr, label_map))})"
+        "; use data with that many classes, or a model folder without a classification head"
+    )

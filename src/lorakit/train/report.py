@@ -62,9 +62,9 @@ class Progress:
         self.t0 = time.perf_counter()
         self.start = start
         if mode == "bar":
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(total=total, initial=start, unit="step", file=self.stream)
+            self.bar = _tqdm_bar(total, start, self.stream)
+            if self.bar is None:
+                self.mode = "lines"
 
     def update(self, step: int, loss: float, tokens_per_s: float, lr: float) -> None:
         """One optimizer step done (the bar moves; lines print only via `log`)."""
@@ -96,9 +96,31 @@ class Progress:
             self.bar.close()
 
 
+def _tqdm_bar(total: int, start: int, stream: TextIO) -> Any:
+    """A tqdm progress bar, or None (log lines instead) when tqdm is not installed."""
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, initial=start, unit="step", file=stream)
+
+
 def plot(out: str | Path, metric: str) -> Path | None:
-    """PNG of training loss and eval `metric` against steps, from `out/metrics.jsonl`."""
-    import matplotlib
+    """PNG of training loss and eval `metric` against steps, from `out/metrics.jsonl`.
+
+    Without matplotlib (an optional dependency) it prints a one-line notice and returns None:
+    a finished run must not end in an ImportError.
+    """
+    try:
+        import matplotlib
+    except ImportError:
+        print(
+            f"lorakit: matplotlib is not installed, so no {PLOT_FILE} was drawn "
+            "(pip install 'lorakit[train]'); the metrics are in " + str(Path(out) / METRICS_FILE),
+            file=sys.stderr,
+            flush=True,
+        )
+        return None
 
     matplotlib.use("Agg")  # files only; never needs a display
     import matplotlib.pyplot as plt
