@@ -92,7 +92,7 @@ class LayerSpec:
 
 
 def _batch(max_dims: int) -> st.SearchStrategy[tuple[int, ...]]:
-    return st.lists(st.sampled_from([1, 2, 3, 5]), max_size=max_dims).map(tuple)
+    return st.lists(st.sampled_from([1, 2, 3, 5, 0]), max_size=max_dims).map(tuple)
 
 
 @st.composite

@@ -54,9 +54,14 @@ def _close(actual: torch.Tensor, expected: torch.Tensor, rtol: float, scale: flo
     assert actual.shape == expected.shape, (actual.shape, expected.shape)
     if not expected.numel():
         return
-    err = float((actual.double() - expected.double()).abs().max())
-    size = max(float(expected.double().abs().max()), scale, 1e-30)
+    err = _amax(actual.double() - expected.double())
+    size = max(_amax(expected), scale, 1e-30)
     assert err <= rtol * size, f"error {err:.3g} > {rtol:g} * {size:.3g}"
+
+
+def _amax(t: torch.Tensor) -> float:
+    """max |t| in float64; 0 for an empty tensor."""
+    return float(t.detach().double().abs().max()) if t.numel() else 0.0
 
 
 def _no_grad_run(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -115,12 +120,12 @@ def test_merged_equals_adapted_and_unmerge_restores_the_base(spec, dtype, adapte
     weight = layer.weight.detach().clone()
     with torch.no_grad():
         deltas = sum(layer.delta_weight(n).double() for n in names(adapters))
-    scale = float(deltas.abs().max())
+    scale = _amax(deltas)
     assert scale > 0  # a real delta, or merged == adapted would prove nothing
     rtol = _rtol(dtype, adapters)
     want = _no_grad_run(model, x)
     lorakit.merge(model)
-    _close(layer.weight, weight.double() + deltas, rtol, float(weight.abs().max()))
+    _close(layer.weight, weight.double() + deltas, rtol, _amax(weight))
     _close(_no_grad_run(model, x), want, rtol, _delta_size(model, x))
     lorakit.unmerge(model)
     assert layer.lora_merged == ()
@@ -141,7 +146,51 @@ def test_active_adapters_add_up(spec, dtype, adapters, seed):
     for name in names(adapters):
         lorakit.set_active(model, name)
         alone += _no_grad_run(model, x).double() - base
-    _close(together, alone, _rtol(dtype, adapters) * 3, float(base.abs().max()))
+    _close(together, alone, _rtol(dtype, adapters) * 3, _amax(base))
+
+
+@given(spec=layer_specs(), dtype=DTYPES, adapters=adapter_lists(), seed=SEEDS)
+def test_merge_and_unload_gives_a_plain_layer_computing_the_adapted_output(
+    spec, dtype, adapters, seed
+):
+    x = spec.make_input(dtype)
+    model = adapted(spec, dtype, adapters)
+    randomise(model, seed)
+    want = _no_grad_run(model, x)
+    size = _delta_size(model, x)
+    lorakit.merge_and_unload(model)
+    assert type(model[0]) is type(spec.build(dtype))
+    assert lorakit.adapter_names(model) == ()
+    _close(_no_grad_run(model, x), want, _rtol(dtype, adapters), size)
+
+
+@given(
+    spec=layer_specs(kinds=(*LINEAR_KINDS, "embedding")).filter(lambda s: len(s.batch) > 0),
+    dtype=DTYPES,
+    adapters=adapter_lists(),
+    seed=SEEDS,
+    data=st.data(),
+)
+def test_routing_equals_each_row_alone(spec, dtype, adapters, seed, data):
+    """Row i under `routing` equals row i run alone with only its adapter active (or none)."""
+    x = spec.make_input(dtype)
+    model = adapted(spec, dtype, adapters)
+    randomise(model, seed)
+    choices = st.sampled_from([None, *names(adapters)])
+    rows = data.draw(st.lists(choices, min_size=spec.batch[0], max_size=spec.batch[0]))
+    if not rows:  # an empty batch: routing needs one entry per row
+        return
+    with lorakit.routing(model, rows):
+        routed = _no_grad_run(model, x)
+    rtol = _rtol(dtype, adapters)
+    for i, name in enumerate(rows):
+        if name is None:
+            with lorakit.disabled(model):
+                alone = _no_grad_run(model, x[i : i + 1])
+        else:
+            lorakit.set_active(model, name)
+            alone = _no_grad_run(model, x[i : i + 1])
+        _close(routed[i : i + 1], alone, rtol)
 
 
 MERGE_CHOICES = st.sampled_from([None, True, False])  # functional.merge_pays, folded, thin
@@ -229,7 +278,7 @@ def _delta_size(model: nn.Module, x: torch.Tensor) -> float:
     with torch.no_grad():
         x64 = x.double() if x.is_floating_point() else x
         total = sum(layer.lora_delta(_as64(layer.lora[n]), x64) for n in layer.lora_active)
-    return float(total.abs().max()) if torch.is_tensor(total) and total.numel() else 0.0
+    return _amax(total) if torch.is_tensor(total) else 0.0
 
 
 def _as64(adapter: nn.Module) -> nn.Module:
