@@ -37,7 +37,7 @@ from torch import nn
 
 import lorakit
 import lorakit.layers.linear as linear_module
-from lorakit import LoraLayer
+from lorakit import LoraLayer, functional
 
 DTYPES = st.sampled_from([torch.float32, torch.float64, torch.bfloat16])
 SEEDS = st.integers(0, 2**16)
@@ -232,6 +232,58 @@ def test_fused_path_equals_the_plain_path(spec, dtype, adapters, seed, merge):
         if a is not None:
             assert a.dtype == p.dtype
             _close(a, b, rtol * 10)  # sums over tokens: more roundings
+
+
+@st.composite
+def _fused_cases(draw: st.DrawFn) -> dict:
+    n = draw(st.integers(1, 3))
+    return {
+        "tokens": draw(st.sampled_from([1, 2, 3, 7, 40])),
+        "in_dim": draw(st.sampled_from([1, 2, 5, 11])),
+        "out_dim": draw(st.sampled_from([1, 3, 7])),
+        "ranks": draw(st.lists(st.sampled_from([1, 2, 5]), min_size=n, max_size=n)),
+        "scales": draw(st.lists(st.sampled_from([0.25, 1.0, 3.0]), min_size=n, max_size=n)),
+        "dropout": draw(st.lists(st.sampled_from([0.0, 0.1, 0.5, 0.9]), min_size=n, max_size=n)),
+        "transposed": draw(st.booleans()),
+        "bias": draw(st.booleans()),
+        "merge": draw(MERGE_CHOICES),
+        "block": draw(st.sampled_from([1, 3, 16, 1 << 16])),  # small: the blocked CPU masks
+        "seed": draw(SEEDS),
+    }
+
+
+@given(case=_fused_cases(), dtype=st.sampled_from([torch.float64, torch.float32]))
+def test_fused_op_with_seeded_dropout_matches_its_reference(case, dtype):
+    """`fused_lora_linear` with a seed equals x W^T + b + sum s_a ((x * mask_a) A_a^T) B_a^T,
+    mask_a = `dropout_mask(..., seed + a)`, in value and in every gradient."""
+    gen = torch.Generator().manual_seed(case["seed"])
+
+    def leaf(*shape: int) -> torch.Tensor:
+        return torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype).requires_grad_()
+
+    n_in, n_out, tokens = case["in_dim"], case["out_dim"], case["tokens"]
+    x = leaf(tokens, n_in)
+    weight = leaf(n_in, n_out) if case["transposed"] else leaf(n_out, n_in)
+    bias = leaf(n_out) if case["bias"] else None
+    As = [leaf(r, n_in) for r in case["ranks"]]
+    Bs = [leaf(n_out, r) for r in case["ranks"]]
+    with mock.patch.object(functional, "_BLOCK", case["block"]):
+        got = functional.fused_lora_linear(
+            x, weight, bias, tuple(As), tuple(Bs), tuple(case["scales"]),
+            dropout=tuple(case["dropout"]), seed=case["seed"],
+            transposed=case["transposed"], merge=case["merge"],
+        )  # fmt: skip
+    w = weight.t() if case["transposed"] else weight
+    want = x @ w.t() + (0 if bias is None else bias)
+    for i, (A, B, s, p) in enumerate(zip(As, Bs, case["scales"], case["dropout"])):
+        mask = functional.dropout_mask(x.shape, p, case["seed"] + i, x.device, dtype)
+        want = want + ((x * mask) @ A.t()) @ B.t() * s
+    rtol = RTOL[dtype] * 10
+    _close(got, want, rtol)
+    leaves = [t for t in (x, weight, bias, *As, *Bs) if t is not None]
+    g = torch.randn(got.shape, generator=gen, dtype=torch.float64).to(dtype)
+    for a, b in zip(torch.autograd.grad(got, leaves, g), torch.autograd.grad(want, leaves, g)):
+        _close(a, b, rtol * 10)
 
 
 @given(
