@@ -42,7 +42,7 @@ class LayerSpec:
     padding_idx: int | None = None
     kernel: tuple[int, ...] = ()
     stride: tuple[int, ...] = ()
-    padding: tuple[int, ...] = ()
+    padding: tuple[int, ...] | str = ()
     dilation: tuple[int, ...] = ()
     padding_mode: str = "zeros"
     spatial: tuple[int, ...] = ()
@@ -102,11 +102,14 @@ def _conv_spec(draw: st.DrawFn, kind: str, base: dict) -> LayerSpec:
     kernel = tuple(draw(small) for _ in range(dims))
     stride = tuple(draw(st.integers(1, 2)) for _ in range(dims))
     dilation = tuple(draw(st.integers(1, 2)) for _ in range(dims))
-    padding = tuple(draw(st.integers(0, 2)) for _ in range(dims))
-    mode = draw(st.sampled_from(PADDING_MODES)) if any(padding) else "zeros"
+    padding: tuple[int, ...] | str = tuple(draw(st.integers(0, 2)) for _ in range(dims))
+    if all(s == 1 for s in stride) and draw(st.booleans()):
+        padding = "same"  # torch pads asymmetrically for an even kernel span
+    mode = draw(st.sampled_from(PADDING_MODES)) if padding == "same" or any(padding) else "zeros"
     spatial = []
-    for k, p, d in zip(kernel, padding, dilation):
+    for i, (k, d) in enumerate(zip(kernel, dilation)):
         reach = d * (k - 1) + 1  # the kernel's span; the padded input must cover it
+        p = reach if padding == "same" else padding[i]  # non-zero modes need p < size
         spatial.append(max(reach - 2 * p, p + 1, 1) + draw(st.integers(0, 2)))
     batch = draw(st.sampled_from([(), (1,), (2,), (3,)]))  # () is an unbatched input
     return LayerSpec(
@@ -157,11 +160,17 @@ class AdapterSpec:
     init: str
     dtype: torch.dtype | None
     bias: str = "none"
+    dropout: float = 0.0
+    pattern_rank: int | None = None  # rank_pattern / alpha_pattern override for the layer
+    pattern_alpha: float | None = None
 
     def config(self) -> LoraConfig:
         return LoraConfig(
             rank=self.rank,
             alpha=self.alpha,
+            dropout=self.dropout,
+            rank_pattern={} if self.pattern_rank is None else {"0": self.pattern_rank},
+            alpha_pattern={} if self.pattern_alpha is None else {"0": self.pattern_alpha},
             use_rslora=self.use_rslora,
             init=self.init,
             dtype=self.dtype,
@@ -182,6 +191,9 @@ def adapter_specs(
         init=st.sampled_from(["kaiming", "gaussian", "zeros"]),
         dtype=st.sampled_from(dtypes),
         bias=st.sampled_from(bias_modes),
+        dropout=st.sampled_from([0.0, 0.25]),  # models run in eval mode: dropout is off
+        pattern_rank=st.none() | st.sampled_from([1, 4]),
+        pattern_alpha=st.none() | st.sampled_from([2.0, 7.5]),
     )
 
 
@@ -194,12 +206,13 @@ def names(adapters: list[AdapterSpec]) -> list[str]:
 
 
 def adapted(spec: LayerSpec, dtype: torch.dtype, adapters: list[AdapterSpec]) -> nn.Module:
-    """nn.Sequential(base layer) with every adapter injected and all of them active."""
+    """nn.Sequential(base layer) with every adapter injected and all of them active, in eval
+    mode (dropout off: the properties compare deterministic outputs)."""
     model = nn.Sequential(spec.build(dtype))
     for name, adapter in zip(names(adapters), adapters):
         lorakit.inject(model, adapter.config(), adapter_name=name)
     lorakit.set_active(model, names(adapters))
-    return model
+    return model.eval()
 
 
 def randomise(model: nn.Module, seed: int, std: float = 0.4) -> None:
