@@ -6,11 +6,13 @@ so two calls give identical weights.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import pytest
 import torch
+from hypothesis import HealthCheck, settings
 from tiny_hf import bert_config, llama_config
 from torch import nn
 from transformers import (
@@ -24,6 +26,28 @@ from transformers.pytorch_utils import Conv1D
 VOCAB = 100
 HIDDEN = 32
 SEED = 0
+
+# Property tests (tests/test_properties.py): "ci" is the default, a few derandomized examples
+# per property so runs are reproducible and quick on a busy box; HYPOTHESIS_PROFILE=long
+# searches much harder (random seeds, many examples) when hunting bugs.
+settings.register_profile(
+    "ci",
+    max_examples=12,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+settings.register_profile(
+    "long",
+    max_examples=400,
+    deadline=None,
+    database=None,  # no .hypothesis/ folder in the tree; print_blob replays a failure
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 # -- single layers ------------------------------------------------------------------------
