@@ -77,7 +77,7 @@ def check_unique(keys: Iterable[str], weights: Path) -> None:
 
 def check_finite(tensors: Mapping[str, Tensor], weights: Path) -> None:
     """Refuse NaN or inf in any tensor, naming them (merging would refuse them much later)."""
-    bad = [k for k, t in tensors.items() if t.is_floating_point() and not _finite(t)]
+    bad = [repr(k) for k, t in tensors.items() if t.is_floating_point() and not _finite(t)]
     if bad:
         raise CheckpointError(
             f"{weights}: NaN or inf in {len(bad)} tensor(s): " + _listing(bad)
