@@ -319,6 +319,7 @@ _F32x2 = {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}
         (_raw({"a": {**_F32x2, "data_offsets": [0, 12]}}, b"\0" * 12), r"hold 12 bytes, .* need 8"),
         (_raw({"a": {**_F32x2, "shape": [2**40], "data_offsets": [0, 2**42]}}), r"need \d+ bytes"),
         (_raw({"a": {**_F32x2, "dtype": "C64"}}, b"\0" * 8), r"dtype 'C64' is not one lorakit"),
+        (_raw({"a": {**_F32x2, "dtype": []}}, b"\0" * 8), r"dtype \[\] is not one lorakit"),
         (_raw({"a": {**_F32x2, "shape": [-2]}}, b"\0" * 8), r"shape \[-2\] is not a list"),
         (_raw({"a": {**_F32x2, "data_offsets": [8, 0]}}, b"\0" * 8), r"is not \[begin, end\]"),
         (_raw({"a": _F32x2, "b": _F32x2}, b"\0" * 8), r"overlaps another"),

@@ -110,7 +110,7 @@ class SafetensorsFile:
         if not isinstance(value, dict):
             raise self._fail(f"tensor {key!r}: entry is not an object")
         dtype, shape, offsets = (value.get(k) for k in ("dtype", "shape", "data_offsets"))
-        if dtype not in DTYPES:
+        if not isinstance(dtype, str) or dtype not in DTYPES:
             raise self._fail(f"tensor {key!r}: dtype {dtype!r} is not one lorakit reads")
         if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
             raise self._fail(f"tensor {key!r}: shape {shape!r} is not a list of sizes")
