@@ -8,33 +8,27 @@ folder/<name>/...                    an adapter not named "default" (PEFT's layo
 from __future__ import annotations
 
 import json
-import warnings
+from dataclasses import replace
 from os import PathLike
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
+from ..config import LoraConfig
 from ..errors import AdapterError, CheckpointError, TargetNotFoundError
 from ..inject import adapter_configs, check_adapter_name, find_targets, inject, lora_layers
-from .io import (
-    CONFIG_NAME,
-    WEIGHTS_NAME,
-    atomic_write,
-    find_weights,
-    read_json,
-    read_pickle,
-    read_safetensors,
-    safetensors_bytes,
-)
+from .files import DEFAULT, adapter_folder, canonical, open_adapter
+from .io import CONFIG_NAME, WEIGHTS_NAME, atomic_write, folder_lock, safetensors_bytes
 from .peft_format import from_peft, to_peft, with_prefix
-from .plan import Slot, base_shapes, peft_targets, plan
+from .plan import Slot, base_shapes, factor_dtype, peft_targets, plan
 from .validate import (
     META_CONFIG,
     META_FINGERPRINT,
     META_SHAPES,
     META_VERSION,
     check_base,
+    check_finite,
     check_tensors,
     fingerprint,
 )
@@ -48,19 +42,6 @@ __all__ = [
     "save_adapter",
 ]
 
-DEFAULT = "default"
-
-
-def adapter_folder(path: str | PathLike, adapter_name: str = DEFAULT) -> Path:
-    """Where PEFT keeps adapter `adapter_name` of a save at `path`: the folder itself for
-    "default", else the subfolder named after the adapter."""
-    path = Path(path)
-    return path if adapter_name == DEFAULT else path / adapter_name
-
-
-def _canonical(config: dict) -> str:
-    return json.dumps(config, sort_keys=True)
-
 
 # -- save -----------------------------------------------------------------------------------
 def save_adapter(model: nn.Module, path: str | PathLike, adapter_name: str = DEFAULT) -> Path:
@@ -69,7 +50,8 @@ def save_adapter(model: nn.Module, path: str | PathLike, adapter_name: str = DEF
     "default" goes to `path`, any other name to `path/<name>` (as PEFT's save_pretrained).
     Each file is written to a temporary file beside it, fsynced and renamed into place, the
     weights first; the weights' header also carries the config, so an interrupted save leaves
-    the previous adapter (or the new one) loadable, never a mix.
+    the previous adapter (or the new one) loadable, never a mix. Saves (and lorakit's reads)
+    of one folder hold a lock on it, so two processes saving at once leave one whole adapter.
 
     Raises:
         AdapterError: `adapter_name` is not a plain identifier or not on the model.
@@ -95,15 +77,18 @@ def save_adapter(model: nn.Module, path: str | PathLike, adapter_name: str = DEF
         META_VERSION: _version(),
         META_FINGERPRINT: fingerprint(shapes),
         META_SHAPES: json.dumps(shapes, sort_keys=True),
-        META_CONFIG: _canonical(peft_config),
+        META_CONFIG: canonical(peft_config),
     }
     folder = adapter_folder(path, adapter_name)
-    atomic_write(folder / WEIGHTS_NAME, safetensors_bytes(tensors, metadata))
+    weights_bytes = safetensors_bytes(tensors, metadata)
     config_bytes = (json.dumps(peft_config, indent=2, sort_keys=True) + "\n").encode()
     config_path = folder / CONFIG_NAME
-    # An unchanged config is not rewritten: then the weights' rename alone is the whole save.
-    if not config_path.is_file() or config_path.read_bytes() != config_bytes:
-        atomic_write(config_path, config_bytes)
+    folder.mkdir(parents=True, exist_ok=True)
+    with folder_lock(folder):  # another save of this folder waits: the pair stays one save's
+        atomic_write(folder / WEIGHTS_NAME, weights_bytes)
+        # An unchanged config is not rewritten: then the weights' rename alone is the save.
+        if not config_path.is_file() or config_path.read_bytes() != config_bytes:
+            atomic_write(config_path, config_bytes)
     return folder
 
 
@@ -123,22 +108,6 @@ def _version() -> str:
 
 
 # -- read -----------------------------------------------------------------------------------
-def _resolve(path: str | PathLike, adapter_name: str) -> Path:
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"adapter folder {path} does not exist")
-    if not path.is_dir():
-        raise CheckpointError(f"{path} is not a folder; pass the folder holding {CONFIG_NAME}")
-    sub = adapter_folder(path, adapter_name)
-    if (sub / CONFIG_NAME).is_file():
-        return sub
-    if (path / CONFIG_NAME).is_file():
-        return path
-    inside = sorted(p.parent.name for p in path.glob(f"*/{CONFIG_NAME}"))
-    hint = f"; adapters in subfolders: {inside}" if inside else ""
-    raise CheckpointError(f"{path} holds no {CONFIG_NAME}{hint}")
-
-
 def read_adapter(
     path: str | PathLike, adapter_name: str = DEFAULT, *, allow_pickle: bool = False
 ) -> tuple[Path, dict, dict[str, Tensor], dict[str, str]]:
@@ -148,23 +117,8 @@ def read_adapter(
         CheckpointError: missing folder or files, corrupt JSON, damaged safetensors, or a
             pickle file without `allow_pickle=True`; the message names the file.
     """
-    folder = _resolve(path, adapter_name)
-    raw = read_json(folder / CONFIG_NAME)
-    weights = find_weights(folder, allow_pickle)
-    if weights.name == WEIGHTS_NAME:
-        tensors, metadata = read_safetensors(weights)
-    else:
-        tensors, metadata = read_pickle(weights), {}
-    saved = metadata.get(META_CONFIG)
-    if saved is not None and saved != _canonical(raw):
-        warnings.warn(
-            f"{folder / CONFIG_NAME} differs from the config stored with {weights.name} "
-            "(an interrupted save?); using the one stored with the weights",
-            UserWarning,
-            stacklevel=2,
-        )
-        raw = json.loads(saved)
-    return folder, raw, tensors, metadata
+    with open_adapter(path, adapter_name, allow_pickle=allow_pickle) as files:
+        return files.folder, files.config, files.read(list(files.entries)), files.metadata
 
 
 # -- load -----------------------------------------------------------------------------------
@@ -174,13 +128,17 @@ def load_adapter(
     adapter_name: str = DEFAULT,
     *,
     allow_pickle: bool = False,
+    allow_nonfinite: bool = False,
+    dtype: torch.dtype | str | None = None,
 ) -> nn.Module:
     """Inject adapter `adapter_name` into `model` from a PEFT-format folder and fill it in.
 
     Reads `path/<adapter_name>` when it holds an adapter, else `path`. Everything is checked
-    before the model changes: the file fits the model's layers (missing, unexpected and
-    mis-shaped tensors reported together, each by key), the base model is the one the adapter
-    was saved for. Like `inject`, the new adapter becomes the one active (and trainable).
+    before the model changes: the file's header fits the model's layers (missing, unexpected
+    and mis-shaped tensors reported together, each by key) before any tensor is read, the base
+    model is the one the adapter was saved for, and no tensor holds NaN or inf (unless
+    `allow_nonfinite=True`). The LoRA factors keep the file's dtype unless `dtype` is given.
+    Like `inject`, the new adapter becomes the one active (and trainable).
 
     Raises:
         AdapterError: `adapter_name` is not a plain identifier or already on the model.
@@ -192,26 +150,33 @@ def load_adapter(
     check_adapter_name(adapter_name)
     if adapter_name in adapter_configs(model):
         raise AdapterError(f"adapter {adapter_name!r} is already on the model; pick another name")
-    folder, raw, tensors, metadata = read_adapter(path, adapter_name, allow_pickle=allow_pickle)
-    source = str(folder / CONFIG_NAME)
-    config = from_peft(raw, source)
-    check_base(model, metadata, folder)
-    try:
-        targets = find_targets(model, config)
-    except TargetNotFoundError as err:
-        raise CheckpointError(f"{folder}: the adapter does not fit this model: {err}") from None
-    slots = plan(model, config, targets)
-    tensors = {with_prefix(k): v for k, v in tensors.items()}
-    check_tensors(slots, tensors, folder)
+    with open_adapter(path, adapter_name, allow_pickle=allow_pickle) as files:
+        config = from_peft(files.config, str(files.folder / CONFIG_NAME))
+        check_base(model, files.metadata, files.weights)
+        slots = plan(model, config, _targets(model, config, files.folder))
+        names = {with_prefix(k): k for k in files.entries}  # keys are unique with the prefix
+        check_tensors(slots, {k: files.entries[n] for k, n in names.items()}, files.folder)
+        wanted = [key for key in slots if key in names]
+        read = files.read([names[key] for key in wanted])  # nothing else is read
+    tensors = {key: read[names[key]] for key in wanted}
+    if not allow_nonfinite:
+        check_finite(tensors, files.weights)
+    config = replace(config, dtype=dtype or factor_dtype(slots, tensors))
     inject(model, config, adapter_name=adapter_name)
     with torch.no_grad():
-        for key, slot in slots.items():
-            if key not in tensors:
-                continue  # an optional tensor the file does not have
+        for key in wanted:
+            slot = slots[key]
             module = model.get_submodule(slot.module)
             owner = module.lora[adapter_name] if slot.kind != "tensor" else module
             getattr(owner, slot.name).copy_(tensors[key])
     return model
+
+
+def _targets(model: nn.Module, config: LoraConfig, folder: Path) -> list[tuple[str, nn.Module]]:
+    try:
+        return find_targets(model, config)
+    except TargetNotFoundError as err:
+        raise CheckpointError(f"{folder}: the adapter does not fit this model: {err}") from None
 
 
 def from_pretrained(
@@ -220,9 +185,19 @@ def from_pretrained(
     adapter_name: str = DEFAULT,
     *,
     allow_pickle: bool = False,
+    allow_nonfinite: bool = False,
+    dtype: torch.dtype | str | None = None,
 ) -> nn.Module:
     """Read the adapter config at `path`, inject it into `base_model` and load its tensors.
 
-    PEFT's `PeftModel.from_pretrained(base, path)`, for lorakit; returns `base_model`.
+    PEFT's `PeftModel.from_pretrained(base, path)`, for lorakit; returns `base_model`. The
+    options are `load_adapter`'s.
     """
-    return load_adapter(base_model, path, adapter_name, allow_pickle=allow_pickle)
+    return load_adapter(
+        base_model,
+        path,
+        adapter_name,
+        allow_pickle=allow_pickle,
+        allow_nonfinite=allow_nonfinite,
+        dtype=dtype,
+    )

@@ -6,18 +6,24 @@ Nothing here unpickles unless asked: safetensors is read by default, and PEFT's 
 
 from __future__ import annotations
 
-import json
 import os
-import struct
-import tempfile
+import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import Tensor
 
 from ..errors import CheckpointError
+from .safe_json import parse_json
+from .safetensors_file import SafetensorsFile
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: no flock; the weights' config copy guards
+    fcntl = None
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -35,6 +41,40 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+@contextmanager
+def folder_lock(folder: Path, shared: bool = False) -> Iterator[None]:
+    """Hold flock on the adapter folder itself: exclusive while a save writes its pair of
+    files, shared while a read takes its pair, so a reader never sees one writer's config
+    with another's weights. Locking the folder leaves no lock file in a user's folder.
+    Where flock is unavailable the read still guards itself: the weights carry their config.
+    """
+    fd = None
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+        if fcntl is not None:
+            fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
+    except OSError:  # no directory fds or no flock (some network file systems)
+        pass
+    try:
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)  # closing the last fd releases the lock
+
+
+def _temp_file(path: Path) -> tuple[int, Path]:
+    """A new file beside `path`, created with mode 0666 so the umask applies to it as to any
+    other file (mkstemp would make it owner-only)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+    for _ in range(100):
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+        try:
+            return os.open(tmp, flags, 0o666), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temporary name beside {path}")  # pragma: no cover
+
+
 def atomic_write(path: Path, data: bytes) -> None:
     """Write `data` to `path` so that readers see the old file or the new one, never a mix.
 
@@ -43,7 +83,7 @@ def atomic_write(path: Path, data: bytes) -> None:
     a crash. An interrupted write leaves at most a stray `.tmp` file, never a damaged `path`.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = _temp_file(path)
     try:
         with os.fdopen(fd, "wb") as f:
             write_bytes(f, data)
@@ -51,7 +91,7 @@ def atomic_write(path: Path, data: bytes) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
 
@@ -72,49 +112,21 @@ def read_json(path: Path) -> dict:
     if not path.is_file():
         raise CheckpointError(f"{path} does not exist; an adapter folder needs {CONFIG_NAME}")
     try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
         raise CheckpointError(f"{path} is not valid JSON: {err}") from None
+    value = parse_json(text, str(path))
     if not isinstance(value, dict):
         raise CheckpointError(f"{path} must hold a JSON object, got {type(value).__name__}")
     return value
 
 
-def read_header(path: Path) -> tuple[dict[str, dict], dict[str, str]]:
-    """({key: {"dtype", "shape", ...}}, metadata) of a safetensors file, without its tensors.
-
-    Raises:
-        CheckpointError: the file is missing, truncated or its header is not safetensors.
-    """
-    try:
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise ValueError("shorter than the 8-byte header length")
-            (n,) = struct.unpack("<Q", head)
-            size = path.stat().st_size
-            if n > size - 8:
-                raise ValueError(f"header length {n} exceeds the file size {size}")
-            header = json.loads(f.read(n))
-        metadata = header.pop("__metadata__", None) or {}
-        end = max((v["data_offsets"][1] for v in header.values()), default=0)
-        if 8 + n + end > size:
-            raise ValueError(f"truncated: tensors need {8 + n + end} bytes, the file has {size}")
-    except FileNotFoundError:
-        raise CheckpointError(f"{path} does not exist") from None
-    except (ValueError, KeyError, TypeError, IndexError, AttributeError) as err:
-        raise CheckpointError(f"{path} is not a readable safetensors file: {err}") from None
-    return header, metadata
-
-
 def read_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
-    """(tensors, metadata) of a safetensors file; any damage is a CheckpointError naming it."""
-    _, metadata = read_header(path)
-    try:
-        tensors = st_load(path.read_bytes())
-    except Exception as err:  # safetensors raises its own error types for damaged bytes
-        raise CheckpointError(f"{path} is not a readable safetensors file: {err}") from None
-    return tensors, metadata
+    """(tensors, metadata) of a safetensors file; any damage is a CheckpointError naming it.
+
+    The header is checked whole before any tensor is read (see `SafetensorsFile`)."""
+    with SafetensorsFile(path) as st:
+        return st.read(list(st.entries)), st.metadata
 
 
 def read_pickle(path: Path) -> dict[str, Tensor]:

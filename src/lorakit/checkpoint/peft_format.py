@@ -16,6 +16,7 @@ from collections.abc import Mapping
 
 from ..config import ALL_LINEAR, LoraConfig
 from ..errors import CheckpointError
+from .schema import check_types
 
 PREFIX = "base_model.model."
 
@@ -104,6 +105,7 @@ def from_peft(raw: Mapping[str, object], source: str) -> LoraConfig:
     unknown = sorted(set(raw) - PEFT_KEYS)
     if unknown:
         warnings.warn(f"{source}: unknown keys {unknown} are ignored", UserWarning, stacklevel=3)
+    check_types(raw, source)
     if raw.get("peft_type", "LORA") != "LORA":
         raise CheckpointError(f"{source}: peft_type is {raw['peft_type']!r}; lorakit reads LORA")
     for key in UNSUPPORTED:

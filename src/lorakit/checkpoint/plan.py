@@ -6,11 +6,13 @@ file, with which shape), so the two cannot disagree.
 
 from __future__ import annotations
 
+import functools
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
+import torch
 from torch import Tensor, nn
 
 from ..config import ALL_LINEAR, LoraConfig
@@ -19,6 +21,8 @@ from ..layers import LoraLayer, lora_class
 from .peft_format import lora_keys, param_key
 
 Kind = Literal["lora_A", "lora_B", "tensor"]
+# dtypes LoRA factors compute in; a file's other floats (float8) load as float32
+COMPUTE_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
 # PEFT may save these layers' base weights (save_embedding_layers, e.g. after a vocab resize)
 EMBEDDING_NAMES = ("embed_tokens", "lm_head")
 
@@ -113,3 +117,12 @@ def base_shapes(targets: list[tuple[str, nn.Module]]) -> dict[str, list[int]]:
 
 def is_lora_layer(module: nn.Module) -> bool:
     return isinstance(module, LoraLayer)
+
+
+def factor_dtype(slots: Mapping[str, Slot], tensors: Mapping[str, Tensor]) -> torch.dtype:
+    """The dtype a loaded adapter's factors get: the file's (the widest, should they differ),
+    so float64 stays float64 and bf16 / fp16 keep their memory; float32 for anything else."""
+    dtypes = {t.dtype for k, t in tensors.items() if k in slots and slots[k].kind != "tensor"}
+    if not dtypes or not dtypes <= COMPUTE_DTYPES:
+        return torch.float32
+    return functools.reduce(torch.promote_types, dtypes)

@@ -1,16 +1,21 @@
-"""Checks an adapter file must pass before it touches a model: same base, every tensor fits."""
+"""Checks an adapter file must pass before it touches a model: lorakit's header metadata is
+well formed, each key is there once, the base is the same, every tensor fits and is finite."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Protocol
 
+import torch
 from torch import Tensor, nn
 
 from ..errors import CheckpointError
-from .io import WEIGHTS_NAME
+from .peft_format import with_prefix
 from .plan import Slot
+from .safe_json import parse_json
 
 META_VERSION = "lorakit_version"
 META_FINGERPRINT = "lorakit_base_fingerprint"
@@ -25,14 +30,73 @@ def fingerprint(shapes: dict[str, list[int]]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def check_base(model: nn.Module, metadata: dict[str, str], folder: Path) -> None:
-    """Refuse an adapter saved (by lorakit) for a base whose adapted layers differ."""
+class TensorInfo(Protocol):
+    """What the checks need of a tensor: a Tensor, or a header entry before it is read."""
+
+    shape: tuple[int, ...] | torch.Size
+    dtype: torch.dtype
+
+
+def saved_config(metadata: Mapping[str, str], weights: Path) -> dict | None:
+    """The PEFT config lorakit stored with the weights, or None when there is none."""
+    if META_CONFIG not in metadata:
+        return None
+    value = parse_json(metadata[META_CONFIG], f"{weights} metadata {META_CONFIG}")
+    if not isinstance(value, dict):
+        raise CheckpointError(
+            f"{weights} metadata {META_CONFIG} must be a JSON object, got {type(value).__name__}"
+        )
+    return value
+
+
+def saved_shapes(metadata: Mapping[str, str], weights: Path) -> dict[str, list[int]] | None:
+    """{layer path: weight shape} lorakit stored with the weights, or None when there is none."""
     if META_SHAPES not in metadata:
+        return None
+    value = parse_json(metadata[META_SHAPES], f"{weights} metadata {META_SHAPES}")
+    ok = isinstance(value, dict) and all(
+        isinstance(v, list) and all(isinstance(d, int) and not isinstance(d, bool) for d in v)
+        for v in value.values()
+    )
+    if not ok:
+        raise CheckpointError(
+            f"{weights} metadata {META_SHAPES} must map layer paths to shapes (lists of "
+            f"integers), got {metadata[META_SHAPES][:80]!r}"
+        )
+    return value
+
+
+def check_unique(keys: Iterable[str], weights: Path) -> None:
+    """Refuse two keys naming one tensor (with and without PEFT's `base_model.model.`)."""
+    seen: dict[str, str] = {}
+    for key in keys:
+        other = seen.setdefault(with_prefix(key), key)
+        if other != key:
+            raise CheckpointError(f"{weights} holds one tensor twice: {other!r} and {key!r}")
+
+
+def check_finite(tensors: Mapping[str, Tensor], weights: Path) -> None:
+    """Refuse NaN or inf in any tensor, naming them (merging would refuse them much later)."""
+    bad = [repr(k) for k, t in tensors.items() if t.is_floating_point() and not _finite(t)]
+    if bad:
+        raise CheckpointError(
+            f"{weights}: NaN or inf in {len(bad)} tensor(s): " + _listing(bad)
+            + " (pass allow_nonfinite=True to load them anyway)"
+        )
+
+
+def _finite(tensor: Tensor) -> bool:
+    if tensor.dtype.itemsize == 1:  # float8: isfinite lacks kernels for it
+        tensor = tensor.float()
+    return bool(torch.isfinite(tensor).all())
+
+
+def check_base(model: nn.Module, metadata: Mapping[str, str], weights: Path) -> None:
+    """Refuse an adapter saved (by lorakit) for a base whose adapted layers differ."""
+    shapes = saved_shapes(metadata, weights)
+    if shapes is None:
         return  # not written by lorakit: the tensor shapes are checked instead
-    try:
-        shapes = json.loads(metadata[META_SHAPES])
-    except json.JSONDecodeError:
-        raise CheckpointError(f"{folder / WEIGHTS_NAME}: damaged {META_SHAPES} metadata") from None
+    folder = weights.parent
     problems = []
     for path, shape in shapes.items():
         try:
@@ -59,8 +123,10 @@ def _has(model: nn.Module, path: str) -> bool:
         return False
 
 
-def check_tensors(slots: dict[str, Slot], tensors: dict[str, Tensor], folder: Path) -> None:
-    """Every planned tensor present with its shape, nothing else: all problems in one error."""
+def check_tensors(slots: dict[str, Slot], tensors: Mapping[str, TensorInfo], folder: Path) -> None:
+    """Every planned tensor present with its shape, nothing else: all problems in one error.
+
+    `tensors` may be the header's entries: then nothing is read before this passes."""
     problems = [
         f"missing {k!r} {s.shape}" for k, s in slots.items() if k not in tensors and not s.optional
     ]
@@ -73,7 +139,7 @@ def check_tensors(slots: dict[str, Slot], tensors: dict[str, Tensor], folder: Pa
     problems += [
         f"{k!r} has dtype {t.dtype}, not floating point"
         for k, t in tensors.items()
-        if k in slots and not t.is_floating_point()
+        if k in slots and not t.dtype.is_floating_point
     ]
     if problems:
         raise CheckpointError(

@@ -14,6 +14,7 @@ from ..checkpoint import META_FINGERPRINT, META_VERSION, read_adapter
 from ..checkpoint.io import CONFIG_NAME, WEIGHTS_NAME
 from ..checkpoint.peft_format import PREFIX, from_peft
 from ..config import scaling
+from ..errors import CheckpointError
 
 _A_SUFFIXES = (".lora_A.weight", ".lora_embedding_A")
 _B_SUFFIXES = {".lora_A.weight": ".lora_B.weight", ".lora_embedding_A": ".lora_embedding_B"}
@@ -27,6 +28,9 @@ def describe(path: str | Path, adapter_name: str = "default", allow_pickle: bool
     """
     folder, raw, tensors, metadata = read_adapter(path, adapter_name, allow_pickle=allow_pickle)
     config = from_peft(raw, str(folder / CONFIG_NAME))
+    weights = folder / WEIGHTS_NAME
+    if not weights.is_file():
+        weights = folder / "adapter_model.bin"
     shapes = {k.removeprefix(PREFIX): tuple(t.shape) for k, t in tensors.items()}
     numels = {k.removeprefix(PREFIX): t.numel() for k, t in tensors.items()}
     modules = []
@@ -36,7 +40,7 @@ def describe(path: str | Path, adapter_name: str = "default", allow_pickle: bool
             continue
         module = key.removesuffix(suffix)
         b_shape = shapes.get(module + _B_SUFFIXES[suffix], ())
-        rank = a_shape[0]
+        rank = _rank(weights, key, a_shape)
         alpha = config.for_module(module).alpha
         modules.append(
             {
@@ -51,9 +55,6 @@ def describe(path: str | Path, adapter_name: str = "default", allow_pickle: bool
         )
     lora_keys = {m["module"] + s for m in modules for s in (*_A_SUFFIXES, *_B_SUFFIXES.values())}
     others = sorted(k for k in shapes if k not in lora_keys)
-    weights = folder / WEIGHTS_NAME
-    if not weights.is_file():
-        weights = folder / "adapter_model.bin"
     return {
         "path": str(folder),
         "config": raw,
@@ -67,6 +68,16 @@ def describe(path: str | Path, adapter_name: str = "default", allow_pickle: bool
         "base_fingerprint": metadata.get(META_FINGERPRINT),
         "lorakit_version": metadata.get(META_VERSION),
     }
+
+
+def _rank(weights: Path, key: str, a_shape: tuple[int, ...]) -> int:
+    """The rank of a LoRA A factor: its first dimension, which must exist and be positive."""
+    if len(a_shape) < 2 or a_shape[0] < 1:
+        raise CheckpointError(
+            f"{weights}: tensor {key!r} has shape {a_shape}; a LoRA A factor is (rank >= 1, "
+            "in features, ...)"
+        )
+    return a_shape[0]
 
 
 def _size(n: int) -> str:
