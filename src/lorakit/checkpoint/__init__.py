@@ -16,7 +16,14 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import AdapterError, CheckpointError, TargetNotFoundError
-from ..inject import adapter_configs, check_adapter_name, find_targets, inject, lora_layers
+from ..inject import (
+    adapter_configs,
+    check_adapter_name,
+    find_targets,
+    inject,
+    lora_layers,
+    without_missing_saved,
+)
 from ..layers.gpt2 import Conv1DLora
 from .io import (
     CONFIG_NAME,
@@ -194,7 +201,7 @@ def load_adapter(
         raise AdapterError(f"adapter {adapter_name!r} is already on the model; pick another name")
     folder, raw, tensors, metadata = read_adapter(path, adapter_name, allow_pickle=allow_pickle)
     source = str(folder / CONFIG_NAME)
-    config = from_peft(raw, source)
+    config = without_missing_saved(model, from_peft(raw, source))  # PEFT ignores absent heads
     check_base(model, metadata, folder)
     try:
         targets = find_targets(model, config)
