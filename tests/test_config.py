@@ -146,6 +146,16 @@ BAD = [
     ("rank_pattern", [("q", 4)], r"rank_pattern must map module name suffixes to values"),
     ("alpha_pattern", {1: 2.0}, r"alpha_pattern must map module name suffixes to values, got"),
     ("use_rslora", "yes", r"use_rslora must be a bool, got 'yes'"),
+    # Values that used to pass here and make inject fail part way (the robustness issue):
+    ("rank_pattern", {"(?i)0": 2}, r"rank_pattern is not a valid regex: '\(\?i\)0' \(global"),
+    ("alpha_pattern", {"a|(?i)b": 2.0}, r"alpha_pattern is not a valid regex: 'a\|\(\?i\)b'"),
+    ("dtype", torch.float8_e4m3fn, r"dtype must be one of \['float16', 'bfloat16', 'float32', "
+     r"'float64'\] \(or None\), got torch\.float8_e4m3fn"),
+    ("dtype", "float8_e5m2", r"dtype must be one of .* \(or None\), got 'float8_e5m2'"),
+    ("alpha", 1e300, r"alpha must be at most 1e\+06 \(the scale alpha / rank multiplies every "
+     r"adapter output\), got 1e\+300"),
+    ("alpha", 1e6 + 1, r"alpha must be at most 1e\+06"),
+    ("alpha_pattern", {"v": 1e300}, r"alpha_pattern\['v'\] must be at most 1e\+06"),
 ]
 
 
@@ -153,6 +163,19 @@ BAD = [
 def test_bad_option_raises_config_error_naming_it(option, value, message):
     with pytest.raises(ConfigError, match=message):
         LoraConfig(**{option: value})
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32", "float64", None])
+def test_adapter_dtypes_accepted(dtype):
+    expected = None if dtype is None else getattr(torch, dtype)
+    assert LoraConfig(dtype=dtype).dtype is expected
+
+
+def test_alpha_bound_is_inclusive_and_pattern_keys_match_as_compiled():
+    assert LoraConfig(alpha=1e6).alpha == 1e6
+    config = LoraConfig(rank_pattern={"(?i:FC)2": 2, "a|b": 3})  # scoped flag, alternation
+    assert config.for_module("net.fc2").rank == 2
+    assert config.for_module("x.b").rank == 3 and config.for_module("xb").rank == 8
 
 
 def test_int_dtype_object_is_rejected():

@@ -24,13 +24,14 @@ from transformers.pytorch_utils import Conv1D
 import lorakit
 from lorakit import (
     AdapterError,
+    ConfigError,
     LoRA,
     LoraConfig,
     LoraLayer,
     TargetNotFoundError,
     UnsupportedLayerError,
 )
-from lorakit.inject import adapter_configs, base_modules, lora_layers
+from lorakit.inject import adapter_configs, base_modules, lora_layers, without_missing_saved
 
 BERT = next(c for c in MODEL_CASES if c.id == "bert")
 
@@ -335,18 +336,155 @@ def test_lora_model_pickles_and_deepcopies(model_case: ModelCase, tmp_path):
 
 
 # -- errors --------------------------------------------------------------------------------
-def test_targets_matching_nothing_names_targets_and_lists_modules():
-    model = tiny_llama()
-    with pytest.raises(
-        TargetNotFoundError,
-        match=r"targets=\('nope',\) matched no module of LlamaForCausalLM.*"
-        r"modules that exist include \['model', 'model\.embed_tokens'",
-    ):
+@pytest.mark.parametrize(
+    ("make", "kind", "names"),
+    [
+        (tiny_llama, "LlamaForCausalLM", "['embed_tokens', 'q_proj', 'k_proj', 'v_proj', "
+         "'o_proj', 'gate_proj', 'up_proj', 'down_proj', 'lm_head']"),
+        (tiny_bert, "BertForSequenceClassification", "['word_embeddings', "
+         "'position_embeddings', 'token_type_embeddings', 'query', 'key', 'value', 'dense', "
+         "'classifier']"),
+    ],
+    ids=["llama", "bert"],
+)
+def test_targets_matching_nothing_lists_adaptable_layer_names(make, kind, names):
+    model = make()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    message = (
+        rf"targets=\('nope',\) matched no module of {kind}; the layers lorakit can adapt here "
+        rf"are named {re.escape(names)} \(a name matches a path's end\), "
+        r'or use targets="all-linear"$'
+    )
+    with pytest.raises(TargetNotFoundError, match=message):
         lorakit.inject(model, LoraConfig(targets=["nope"]))
-    with pytest.raises(TargetNotFoundError, match=r"targets='x\.\*y' matched no module"):
+    with pytest.raises(TargetNotFoundError, match=r"targets='x\.\*y' matched no module.*q"):
         lorakit.inject(model, LoraConfig(targets="x.*y"))
     assert not adapted_paths(model) and not adapter_configs(model)
     assert "lorakit_configs" not in vars(model)
+    assert_same_state(model, state)
+
+
+def test_all_linear_matching_nothing_does_not_suggest_itself():
+    model = nn.Sequential(nn.Embedding(10, 4))
+    message = r"are named \['0'\] \(a name matches a path's end\)$"
+    with pytest.raises(TargetNotFoundError, match=message):
+        lorakit.inject(model, LoraConfig(targets="all-linear"))
+
+
+def assert_same_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """`model`'s state dict has exactly the keys of `state`, with bitwise equal values."""
+    now = model.state_dict()
+    assert list(now) == list(state)
+    for key, value in state.items():
+        assert now[key].dtype == value.dtype and torch.equal(now[key], value), key
+
+
+def test_modules_to_save_matching_nothing_raises_before_anything_changes():
+    model = tiny_bert()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    config = LoraConfig(targets=["query"], modules_to_save=["classifier", "nonexistent_head"])
+    message = (
+        r"modules_to_save=\['classifier', 'nonexistent_head'\]: \['nonexistent_head'\] matched "
+        r"no module of BertForSequenceClassification, whose top-level modules are "
+        r"\['bert', 'dropout', 'classifier'\]"
+    )
+    with pytest.raises(TargetNotFoundError, match=message):
+        lorakit.inject(model, config)
+    assert not adapted_paths(model) and "lorakit_configs" not in vars(model)
+    assert all(p.requires_grad for p in model.parameters())
+    assert_same_state(model, state)
+
+
+def test_without_missing_saved_drops_only_the_heads_a_model_lacks():
+    # PEFT writes ["classifier", "score"] for every sequence classifier; loaders drop the absent.
+    config = LoraConfig(targets=["query"], modules_to_save=["classifier", "score"])
+    kept = without_missing_saved(tiny_bert(), config)
+    assert kept.modules_to_save == ("classifier",) and kept.targets == config.targets
+    assert without_missing_saved(tiny_bert(), kept) is kept
+
+
+# -- a failed inject changes nothing -----------------------------------------------------
+def _edited_past_validation() -> LoraConfig:
+    """A config whose rank_pattern key fails only once embedded (set after validation)."""
+    config = LoraConfig(targets=["fc1", "fc2"])
+    object.__setattr__(config, "rank_pattern", {"(?i)fc2": 2})
+    return config
+
+
+def _fc2_to(dtype: torch.dtype):
+    def prepare(model: nn.Module) -> None:
+        model.fc2.to(dtype)
+
+    return prepare
+
+
+FAILING_INJECTS = [
+    pytest.param(
+        lambda model: None,
+        lambda: LoraConfig(targets=["fc1", "fc2"], rank_pattern={"fc2": 2**62}),
+        AdapterError,
+        r"module 'fc2': cannot build adapter 'default' with rank=4611686018427387904, "
+        r"dtype=torch.float32 for a weight of shape \(16, 16\): Storage size calculation "
+        r"overflowed.*; the model is left as it was",
+        id="rank-too-large",
+    ),
+    pytest.param(
+        _fc2_to(torch.float8_e4m3fn),
+        lambda: LoraConfig(targets=["fc1", "fc2"], dtype=None),
+        AdapterError,
+        r"module 'fc2': cannot build adapter 'default' with rank=8, dtype=torch.float8_e4m3fn "
+        r"for a weight of shape \(16, 16\): .*not implemented",
+        id="float8-base",
+    ),
+    pytest.param(
+        _fc2_to(torch.float16),
+        lambda: LoraConfig(targets=["fc1", "fc2"], rank=1, alpha=1e5, dtype=None),
+        ConfigError,
+        r"module 'fc2': adapter 'default': the scale alpha / rank = 100000 overflows the "
+        r"adapter dtype torch.float16",
+        id="scale-overflows-float16",
+    ),
+    pytest.param(
+        lambda model: None,
+        _edited_past_validation,
+        AdapterError,
+        r"cannot add adapter 'default' to module 'fc1': error: global flags not at the start",
+        id="pattern-edited-past-validation",
+    ),
+]
+
+
+def _everything(model: nn.Module) -> tuple:
+    """What inject may change: state dict, module classes, requires_grad, adapter state."""
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    classes = [(n, type(m)) for n, m in model.named_modules()]
+    grads = [(n, p.requires_grad) for n, p in model.named_parameters()]
+    adapters = [(n, tuple(x.lora), x.lora_active) for n, x in lora_layers(model)]
+    return state, classes, grads, adapters, dict(adapter_configs(model))
+
+
+@pytest.mark.parametrize(("prepare", "make_config", "error", "message"), FAILING_INJECTS)
+@pytest.mark.parametrize("earlier", [False, True], ids=["bare", "earlier-adapter"])
+def test_failed_inject_changes_nothing_and_the_name_stays_free(
+    prepare, make_config, error, message, earlier
+):
+    model = tiny_mlp()
+    prepare(model)
+    if earlier:  # a trained adapter already on fc1, with its own frozen/trainable split
+        lorakit.inject(model, LoraConfig(targets=["fc1"], modules_to_save=["head"]), "first")
+    before = _everything(model)
+    with pytest.raises(error, match=message):
+        lorakit.inject(model, make_config())
+    after = _everything(model)
+    assert_same_state(model, before[0])
+    assert after[1:] == before[1:]
+    assert ("lorakit_configs" in vars(model)) == earlier
+    for name, module in model.named_modules():
+        if name and not isinstance(module, LoraLayer):  # the root keeps lorakit_configs
+            assert not [k for k in vars(module) if k.startswith("lora")], name
+    report = lorakit.inject(model, LoraConfig(targets=["fc1", "fc2"]))
+    assert report.adapted == ("fc1", "fc2") and "default" in adapter_configs(model)
+    assert model.fc2.lora_active == ("default",)
 
 
 class WithNorm(nn.Module):

@@ -13,7 +13,7 @@ from torch.func import functional_call
 from transformers.pytorch_utils import Conv1D
 
 import lorakit
-from lorakit import ConfigError, LoRA, LoraConfig, LoraLayer, UnsupportedLayerError
+from lorakit import AdapterError, ConfigError, LoRA, LoraConfig, LoraLayer, UnsupportedLayerError
 from lorakit.layers import lora_class
 
 
@@ -238,11 +238,33 @@ def test_lora_module_is_the_delta():
         ({"in_features": 6, "out_features": 5, "alpha": float("nan")}, "alpha must be a positive"),
         ({"in_features": 6, "out_features": 5, "init": "he"}, "init must be one of"),
         ({"in_features": 6, "out_features": 5, "dropout": 1.5}, r"dropout must be a number"),
+        (
+            {"in_features": 6, "out_features": 5, "rank": 1, "alpha": 1e5, "dtype": torch.float16},
+            r"the scale alpha / rank = 100000 overflows the adapter dtype torch\.float16",
+        ),
     ],
 )
 def test_lora_module_rejects_bad_options(kwargs, message):
     with pytest.raises(ConfigError, match=message):
         LoRA(**kwargs)
+
+
+def test_lora_scale_at_the_float16_limit_is_accepted():
+    a = LoRA(6, 5, rank=1, alpha=60000.0, dtype=torch.float16)
+    assert a.scaling == 60000.0 and not a(torch.randn(2, 6, dtype=torch.float16)).isnan().any()
+
+
+def test_adapter_that_cannot_be_built_raises_and_leaves_the_layer(layer_case: LayerCase):
+    layer = adapt(layer_case.make())
+    state = {k: v.clone() for k, v in layer.state_dict().items()}
+    message = (
+        r"cannot build adapter 'b' with rank=4611686018427387904, dtype=torch\.float32 for a "
+        r"weight of shape \(.*\): Storage size calculation overflowed"
+    )
+    with pytest.raises(AdapterError, match=message):
+        layer.add_adapter("b", LoraConfig(rank=2**62))
+    assert tuple(layer.lora) == ("default",) and layer.lora_active == ("default",)
+    assert list(layer.state_dict()) == list(state)
 
 
 @pytest.mark.parametrize(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import ModelCase, randomise_lora, tiny_gpt2, tiny_llama
+from conftest import ModelCase, randomise_lora, tiny_gpt2, tiny_llama, tiny_mlp
 from torch import nn
 
 import lorakit
@@ -231,3 +231,87 @@ def test_merge_inside_disabled_is_refused():
     lorakit.inject(model, LoraConfig(targets=["q_proj"]))
     with lorakit.disabled(model), pytest.raises(lorakit.AdapterError, match="disabled"):
         lorakit.merge(model)
+
+
+# -- exact unmerge: the kept original weight --------------------------------------------
+def two_adapters(dtype: torch.dtype) -> nn.Module:
+    """tiny_mlp in `dtype` with two active, randomised float32 adapters on fc1 and fc2."""
+    model = tiny_mlp().to(dtype)
+    lorakit.inject(model, LoraConfig(targets=["fc1", "fc2"]), "a")
+    lorakit.inject(model, LoraConfig(rank=2, alpha=3.0, targets=["fc1", "fc2"]), "b")
+    randomise_lora(model)
+    lorakit.set_active(model, ["a", "b"])
+    return model
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_merge_unmerge_cycles_restore_weights_bitwise(dtype):
+    model = two_adapters(dtype)
+    x = torch.randn(3, 8, dtype=dtype)
+    before, base_out = base_weights(model), _base_output(model, x)
+    for _ in range(100):
+        lorakit.merge(model)
+        with lorakit.disabled(model):  # computes on the exact base weights every time
+            assert torch.equal(model(x), base_out)
+        lorakit.unmerge(model)
+    for name, value in base_weights(model).items():
+        assert torch.equal(value, before[name]), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_merge_without_a_copy_stays_within_the_documented_bound(dtype):
+    model, cycles = two_adapters(dtype), 100
+    before = base_weights(model)
+    sizes = {n: sum(x.delta_weight(a).abs() for a in x.lora) for n, x in lora_layers(model)}
+    for _ in range(cycles):
+        lorakit.merge(model, keep_original=False)
+        assert all(x.lora_original is None for _, x in lora_layers(model))
+        lorakit.unmerge(model)
+    eps = torch.finfo(dtype).eps
+    for name, layer in lora_layers(model):
+        w0 = before[f"{name}.weight"].float()
+        bound = cycles * 2 * eps * (w0.abs() + sizes[name])  # per cycle: eps * (...) per adapter
+        assert ((layer.weight.float() - w0).abs() <= bound).all(), name
+
+
+def test_the_kept_copy_is_not_state_and_is_freed_on_unmerge():
+    model = two_adapters(torch.float32)
+    keys, before = list(model.state_dict()), base_weights(model)
+    lorakit.merge(model)
+    assert list(model.state_dict()) == keys
+    for name, layer in lora_layers(model):
+        assert not torch.equal(layer.weight, before[f"{name}.weight"])  # merged...
+        assert torch.equal(layer.lora_original, before[f"{name}.weight"])  # ...copy unmerged
+    lorakit.unmerge(model)
+    assert all(x.lora_original is None for _, x in lora_layers(model))
+
+
+def test_unmerging_one_of_two_merged_adapters_is_exact():
+    model = two_adapters(torch.float32)
+    before = base_weights(model)
+    lorakit.merge(model)
+    lorakit.delete_adapter(model, "b")  # unmerges b alone: the weight is W + d_a, as merged
+    fresh = two_adapters(torch.float32)
+    lorakit.delete_adapter(fresh, "b")
+    lorakit.merge(fresh)
+    for name, value in base_weights(model).items():
+        assert torch.equal(value, base_weights(fresh)[name]), name
+    lorakit.unmerge(model)
+    for name, value in base_weights(model).items():
+        assert torch.equal(value, before[name]), name
+
+
+def test_a_weight_changed_while_merged_is_unmerged_by_subtraction():
+    model = two_adapters(torch.float32)
+    lorakit.merge(model)
+    loaded = model.fc1.weight.detach() + 1.0  # e.g. load_state_dict into the merged model
+    model.load_state_dict({**model.state_dict(), "fc1.weight": loaded})
+    deltas = model.fc1.delta_weight("a") + model.fc1.delta_weight("b")
+    lorakit.unmerge(model)
+    torch.testing.assert_close(model.fc1.weight.detach(), loaded - deltas)  # not the stale copy
+    assert model.fc1.lora_original is None
+
+
+def _base_output(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with lorakit.disabled(model):
+        return model(x)

@@ -19,6 +19,11 @@ ALL_LINEAR = "all-linear"
 
 _BIAS = ("none", "all", "lora_only")
 _INIT = ("kaiming", "gaussian", "zeros")
+# Dtypes adapters can be initialised and computed in (float8 kernels lack both).
+ADAPTER_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# Largest alpha accepted: the scale alpha / rank multiplies every adapter output, so a huge
+# one turns a fresh adapter's 0 into inf * 0 = NaN; real configs use alpha <= a few hundred.
+ALPHA_MAX = 1e6
 
 
 def check_rank(rank: object, option: str = "rank") -> int:
@@ -29,11 +34,17 @@ def check_rank(rank: object, option: str = "rank") -> int:
 
 
 def check_alpha(alpha: object, option: str = "alpha") -> float:
-    """Return `alpha` as a float if it is a positive finite number, else raise ConfigError."""
+    """Return `alpha` as a float if it is a positive finite number up to `ALPHA_MAX`, else
+    raise ConfigError naming `option`."""
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
         raise ConfigError(f"{option} must be a positive finite number, got {alpha!r}")
     if not math.isfinite(alpha) or alpha <= 0:
         raise ConfigError(f"{option} must be a positive finite number, got {alpha!r}")
+    if alpha > ALPHA_MAX:
+        raise ConfigError(
+            f"{option} must be at most {ALPHA_MAX:g} (the scale alpha / rank multiplies every "
+            f"adapter output), got {alpha!r}"
+        )
     return float(alpha)
 
 
@@ -56,13 +67,20 @@ def scaling(rank: int, alpha: float, use_rslora: bool = False) -> float:
     return alpha / math.sqrt(rank) if use_rslora else alpha / rank
 
 
+def suffix_regex(key: str) -> str:
+    """The regex a `rank_pattern` / `alpha_pattern` key is matched as: the key, or "." + key at
+    the end of a module path. Validation compiles exactly this, so a key that only fails once
+    embedded (a global flag like "(?i)" not at the start) is caught in `LoraConfig`."""
+    return rf"(.*\.)?(?:{key})"
+
+
 def pattern_key(patterns: Mapping[str, object], module_name: str) -> str | None:
     """The first key of `patterns` that matches the end of `module_name` (PEFT's rule).
 
     A key matches when `module_name` is the key, or ends with "." + key; keys are regexes.
     """
     for key in patterns:
-        if re.fullmatch(rf"(.*\.)?(?:{key})", module_name):
+        if re.fullmatch(suffix_regex(key), module_name):
             return key
     return None
 
@@ -84,7 +102,7 @@ def _as_patterns(value: object, option: str) -> dict:
     if not isinstance(value, Mapping) or not all(isinstance(k, str) and k for k in value):
         raise ConfigError(f"{option} must map module name suffixes to values, got {value!r}")
     for key in value:
-        _compile(key, option)
+        _compile(suffix_regex(key), option, shown=key)
     return dict(value)
 
 
@@ -94,6 +112,9 @@ def _as_dtype(value: object) -> torch.dtype | None:
     dtype = value if isinstance(value, torch.dtype) else getattr(torch, str(value), None)
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise ConfigError(f"dtype must be a floating torch dtype or its name, got {value!r}")
+    if dtype not in ADAPTER_DTYPES:
+        names = [str(d).removeprefix("torch.") for d in ADAPTER_DTYPES]
+        raise ConfigError(f"dtype must be one of {names} (or None), got {value!r}")
     return dtype
 
 
@@ -105,18 +126,20 @@ class LoraConfig:
 
     Args:
         rank: inner dimension r of A (r x in) and B (out x r). Default 8.
-        alpha: numerator of the scale. Default 16.0.
+        alpha: numerator of the scale, in (0, ALPHA_MAX = 1e6]. Default 16.0.
         dropout: dropout on the adapter's input, in [0, 1). Default 0.
         targets: module names or name suffixes (a list), one regex matched against the whole
             module path (a str), or "all-linear" (every Linear / GPT-2 Conv1D but the output head).
         exclude: names or suffixes (a list) or a regex (a str) never adapted.
-        rank_pattern / alpha_pattern: {suffix regex: value} overrides per module.
+        rank_pattern / alpha_pattern: {suffix regex: value} overrides per module; each key is
+            compiled here as it is matched (`suffix_regex`).
         use_rslora: scale by alpha / sqrt(rank).
         bias: "none", "all" (every bias trains) or "lora_only" (biases of adapted layers train).
         modules_to_save: modules (names or suffixes) trained in full, e.g. a classifier head.
         init: "kaiming" (PEFT: A kaiming-uniform, B zero), "gaussian" (Edifice: A ~ N(0, 0.02),
             B zero) or "zeros" (both zero; for loading). Embeddings swap A and B (PEFT).
-        dtype: adapter parameter dtype; float32 by default, None follows the base layer.
+        dtype: adapter parameter dtype: float16, bfloat16, float32 (the default) or float64;
+            None follows the base layer.
 
     Raises:
         ConfigError: an option has an invalid value; the message names it.
@@ -188,8 +211,10 @@ class LoraConfig:
         return scaling(self.rank, self.alpha, self.use_rslora)
 
 
-def _compile(pattern: str, option: str) -> re.Pattern[str]:
+def _compile(pattern: str, option: str, shown: str | None = None) -> re.Pattern[str]:
+    """Compile `pattern`, or raise ConfigError naming `option` and `shown` (the user's text)."""
     try:
         return re.compile(pattern)
     except re.error as err:
-        raise ConfigError(f"{option} is not a valid regex: {pattern!r} ({err})") from None
+        text = pattern if shown is None else shown
+        raise ConfigError(f"{option} is not a valid regex: {text!r} ({err})") from None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -9,7 +10,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from .config import ALL_LINEAR, LoraConfig
-from .errors import AdapterError, TargetNotFoundError, UnsupportedLayerError
+from .errors import AdapterError, LorakitError, TargetNotFoundError, UnsupportedLayerError
 from .layers import LINEAR_TYPES, LoraLayer, lora_class
 
 CONFIGS_ATTR = "lorakit_configs"  # {adapter name: LoraConfig}, kept on the root model
@@ -98,11 +99,12 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.Mod
     """The (path, module) pairs that `config` adapts, in model order.
 
     Raises:
-        TargetNotFoundError: nothing matched; the message lists some module names that exist.
+        TargetNotFoundError: nothing matched, or a `modules_to_save` name matches no module;
+            the message lists the names of the layers lorakit can adapt.
         UnsupportedLayerError: a matched module is of a type LoRA cannot adapt.
     """
+    saved = saved_paths(model, config.modules_to_save, strict=True)
     heads = output_head_names(model)
-    saved = [n for n, _ in base_modules(model) if n and matches_suffix(n, config.modules_to_save)]
     found = []
     for name, module in base_modules(model):
         if not name or _matches(config.exclude, name):
@@ -124,12 +126,72 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.Mod
         lora_class(module)  # raises for a type LoRA cannot adapt, before anything changes
         found.append((name, module))
     if not found:
-        some = [n for n, _ in base_modules(model) if n][:8]
         raise TargetNotFoundError(
             f"targets={config.targets!r} matched no module of {type(model).__name__}; "
-            f"modules that exist include {some}"
+            + _adaptable_hint(model, suggest_all_linear=config.targets != ALL_LINEAR)
         )
     return found
+
+
+def saved_paths(model: nn.Module, names: tuple[str, ...], strict: bool = False) -> list[str]:
+    """Module paths that `modules_to_save` names (names or suffixes) select, in model order.
+
+    Raises:
+        TargetNotFoundError: with `strict`, a name matches no module (its head would train
+            nowhere and be saved nowhere).
+    """
+    paths = [n for n, _ in base_modules(model) if n]
+    if strict:
+        missing = [s for s in names if not any(matches_suffix(p, (s,)) for p in paths)]
+        if missing:
+            raise TargetNotFoundError(
+                f"modules_to_save={list(names)!r}: {missing} matched no module of "
+                f"{type(model).__name__}, whose top-level modules are "
+                f"{[n for n, _ in model.named_children()]}"
+            )
+    return [p for p in paths if matches_suffix(p, names)]
+
+
+def without_missing_saved(model: nn.Module, config: LoraConfig) -> LoraConfig:
+    """`config` keeping only the `modules_to_save` names that match a module of `model`.
+
+    For adapter files: PEFT writes ["classifier", "score"] into every sequence-classification
+    config and ignores the name a model lacks, so a loader does the same.
+    """
+    names = tuple(s for s in config.modules_to_save if saved_paths(model, (s,)))
+    if names == config.modules_to_save:
+        return config
+    return dataclasses.replace(config, modules_to_save=names)
+
+
+def adaptable_names(model: nn.Module) -> list[str]:
+    """Distinct last path components of the layers lorakit can adapt, in model order."""
+    names: dict[str, None] = {}
+    for name, module in base_modules(model):
+        if name and _adaptable(model, name, module):
+            names[name.rpartition(".")[2]] = None
+    return list(names)
+
+
+def _adaptable(model: nn.Module, name: str, module: nn.Module) -> bool:
+    if isinstance(_parent(model, name), nn.MultiheadAttention):
+        return False
+    try:
+        lora_class(module)
+    except UnsupportedLayerError:
+        return False
+    return True
+
+
+def _adaptable_hint(model: nn.Module, suggest_all_linear: bool) -> str:
+    """The part of a TargetNotFoundError that says what could be named instead."""
+    names = adaptable_names(model)
+    shown = names[:_HINT_NAMES] + (["..."] if len(names) > _HINT_NAMES else [])
+    hint = f"the layers lorakit can adapt here are named {shown} (a name matches a path's end)"
+    return hint + (f', or use targets="{ALL_LINEAR}"' if suggest_all_linear else "")
+
+
+_HINT_NAMES = 24  # how many adaptable layer names an error message lists
 
 
 def _parent(model: nn.Module, name: str) -> nn.Module:
@@ -147,8 +209,13 @@ def inject(
     inactive, until `set_active`). Base parameters stop training; the active adapter (plus
     biases per `config.bias` and `config.modules_to_save`) trains. Works on meta-device models.
 
+    All or nothing: if any layer's adapter cannot be built, every change is undone (layer
+    classes, adapters added, active adapters, requires_grad) before the error is raised.
+
     Raises:
-        AdapterError: `adapter_name` is not an identifier or is already on the model.
+        AdapterError: `adapter_name` is not an identifier or is already on the model, or an
+            adapter cannot be built (e.g. a rank too large for memory); names the module.
+        ConfigError: an option does not fit a module (e.g. a scale its dtype cannot hold).
         TargetNotFoundError / UnsupportedLayerError: see `find_targets`.
     """
     config = config or LoraConfig()
@@ -156,16 +223,73 @@ def inject(
     if adapter_name in adapter_configs(model):
         raise AdapterError(f"adapter {adapter_name!r} is already on the model; pick another name")
     targets = find_targets(model, config)
-    configs = model.__dict__.setdefault(CONFIGS_ATTR, {})  # only once targets are known good
-    for name, module in targets:
-        layer = lora_class(module).adapt(module) if not isinstance(module, LoraLayer) else module
-        layer.add_adapter(adapter_name, config.for_module(name))
-    configs[adapter_name] = config
-    for _, layer in lora_layers(model):
-        layer.lora_active = (adapter_name,) if adapter_name in layer.lora else ()
-    saved = freeze_base(model)
+    undo = _Undo.take(model, targets)
+    try:
+        _add_adapters(model, targets, config, adapter_name)
+        model.__dict__.setdefault(CONFIGS_ATTR, {})[adapter_name] = config
+        for _, layer in lora_layers(model):
+            layer.lora_active = (adapter_name,) if adapter_name in layer.lora else ()
+        saved = freeze_base(model)
+    except BaseException:
+        undo.apply(model, adapter_name)
+        raise
     trainable, total = trainable_parameters(model)
     return InjectionReport(adapter_name, tuple(n for n, _ in targets), saved, trainable, total)
+
+
+def _add_adapters(
+    model: nn.Module, targets: list[tuple[str, nn.Module]], config: LoraConfig, adapter_name: str
+) -> None:
+    """Adapt each target and add the adapter; an error names the adapter and the module."""
+    for name, module in targets:
+        try:
+            layer = module if isinstance(module, LoraLayer) else lora_class(module).adapt(module)
+            layer.add_adapter(adapter_name, config.for_module(name))
+        except LorakitError as err:  # names the adapter and the value already
+            raise type(err)(f"module {name!r}: {err}; the model is left as it was") from err
+        except Exception as err:
+            raise AdapterError(
+                f"cannot add adapter {adapter_name!r} to module {name!r}: "
+                f"{type(err).__name__}: {err}; the model is left as it was"
+            ) from err
+
+
+@dataclass
+class _Undo:
+    """What `inject` may change, recorded before it starts, so a failure can put it back."""
+
+    fresh: list[nn.Module]  # targets that were not LoRA layers yet
+    targets: list[nn.Module]
+    active: list[tuple[LoraLayer, tuple[str, ...]]]
+    requires_grad: list[tuple[nn.Parameter, bool]]
+    had_configs: bool
+
+    @classmethod
+    def take(cls, model: nn.Module, targets: list[tuple[str, nn.Module]]) -> _Undo:
+        modules = [m for _, m in targets]
+        return cls(
+            fresh=[m for m in modules if not isinstance(m, LoraLayer)],
+            targets=modules,
+            active=[(layer, layer.lora_active) for _, layer in lora_layers(model)],
+            requires_grad=[(p, p.requires_grad) for p in model.parameters()],
+            had_configs=CONFIGS_ATTR in model.__dict__,
+        )
+
+    def apply(self, model: nn.Module, adapter_name: str) -> None:
+        """Remove `adapter_name` wherever it went, restore classes, active sets and flags."""
+        for module in self.targets:
+            if isinstance(module, LoraLayer) and adapter_name in module.lora:
+                del module.lora[adapter_name]
+        for module in self.fresh:
+            if isinstance(module, LoraLayer):
+                module.restore()
+        for layer, active in self.active:
+            layer.lora_active = active
+        for p, flag in self.requires_grad:
+            p.requires_grad_(flag)
+        adapter_configs(model).pop(adapter_name, None)
+        if not self.had_configs:
+            model.__dict__.pop(CONFIGS_ATTR, None)
 
 
 def freeze_base(model: nn.Module) -> tuple[str, ...]:
@@ -189,7 +313,7 @@ def freeze_base(model: nn.Module) -> tuple[str, ...]:
             if isinstance(getattr(module, "bias", None), nn.Parameter):
                 module.bias.requires_grad_(True)
     to_save = tuple(name for c in configs for name in c.modules_to_save)
-    saved = tuple(n for n, _ in base_modules(model) if n and matches_suffix(n, to_save))
+    saved = tuple(saved_paths(model, to_save))
     for name in saved:
         model.get_submodule(name).requires_grad_(True)
     return saved

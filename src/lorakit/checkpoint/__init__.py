@@ -17,7 +17,14 @@ from torch import Tensor, nn
 
 from ..config import LoraConfig
 from ..errors import AdapterError, CheckpointError, TargetNotFoundError
-from ..inject import adapter_configs, check_adapter_name, find_targets, inject, lora_layers
+from ..inject import (
+    adapter_configs,
+    check_adapter_name,
+    find_targets,
+    inject,
+    lora_layers,
+    without_missing_saved,
+)
 from .files import DEFAULT, adapter_folder, canonical, open_adapter
 from .io import CONFIG_NAME, WEIGHTS_NAME, atomic_write, folder_lock, safetensors_bytes
 from .peft_format import from_peft, to_peft, with_prefix
@@ -151,7 +158,8 @@ def load_adapter(
     if adapter_name in adapter_configs(model):
         raise AdapterError(f"adapter {adapter_name!r} is already on the model; pick another name")
     with open_adapter(path, adapter_name, allow_pickle=allow_pickle) as files:
-        config = from_peft(files.config, str(files.folder / CONFIG_NAME))
+        raw = from_peft(files.config, str(files.folder / CONFIG_NAME))
+        config = without_missing_saved(model, raw)  # PEFT ignores absent heads
         check_base(model, files.metadata, files.weights)
         slots = plan(model, config, _targets(model, config, files.folder))
         names = {with_prefix(k): k for k in files.entries}  # keys are unique with the prefix

@@ -16,9 +16,12 @@ import torch
 from torch import Tensor, nn
 
 from ..config import LoraConfig
-from ..errors import AdapterError, MergeError
+from ..errors import AdapterError, ConfigError, MergeError
 from ..functional import merged_weight
 from .lora import LoRA
+
+# The plain attributes `adapt` adds (besides the `lora` ModuleDict) and `restore` removes.
+_STATE = ("lora_active", "lora_merged", "lora_disabled", "lora_routing", "lora_original")
 
 
 class LoraLayer(nn.Module):
@@ -30,6 +33,8 @@ class LoraLayer(nn.Module):
         lora_merged: names currently folded into `weight`.
         lora_disabled: when True the layer computes its base output only.
         lora_routing: None, or per-row adapter routing set by `lorakit.routing` (mixed batches).
+        lora_original: None, or a copy of `weight` from before the first merge (see `merge`);
+            a plain attribute, so never in the state dict.
     """
 
     base_class: ClassVar[type[nn.Module]]
@@ -38,6 +43,7 @@ class LoraLayer(nn.Module):
     lora_merged: tuple[str, ...]
     lora_disabled: bool
     lora_routing: object | None
+    lora_original: Tensor | None
 
     # -- per-type hooks -------------------------------------------------------------------
     def lora_dims(self) -> tuple[int, int, tuple[int, ...]]:
@@ -64,12 +70,13 @@ class LoraLayer(nn.Module):
         module.lora_merged = ()
         module.lora_disabled = False
         module.lora_routing = None
+        module.lora_original = None
         return module  # type: ignore[return-value]
 
     def restore(self) -> nn.Module:
         """Drop every adapter (without merging) and give back the base class, in place."""
         del self.lora
-        for attr in ("lora_active", "lora_merged", "lora_disabled", "lora_routing"):
+        for attr in _STATE:
             self.__dict__.pop(attr, None)
         self.__class__ = type(self).base_class
         return self
@@ -78,24 +85,39 @@ class LoraLayer(nn.Module):
         """Create adapter `name` from `config` (already specialised to this module)."""
         if name in self.lora:
             raise AdapterError(f"adapter {name!r} already exists on this layer")
-        in_features, out_features, kernel = self.lora_dims()
-        weight = self.weight
-        adapter = LoRA(
-            in_features,
-            out_features,
-            config.rank,
-            config.alpha,
-            dropout=config.dropout,
-            use_rslora=config.use_rslora,
-            init=config.init,
-            kernel_size=kernel,
-            embedding=self.is_embedding,
-            device=weight.device,
-            dtype=config.dtype or weight.dtype,
-        )
+        adapter = self._build_adapter(name, config)
         self.lora[name] = adapter
         self.lora_active = (*self.lora_active, name)
         return adapter
+
+    def _build_adapter(self, name: str, config: LoraConfig) -> LoRA:
+        """A new LoRA for this layer; a failure to allocate or initialise it (a rank too large
+        for memory, a dtype without kernels) becomes an AdapterError naming the values."""
+        in_features, out_features, kernel = self.lora_dims()
+        weight = self.weight
+        dtype = config.dtype or weight.dtype
+        try:
+            return LoRA(
+                in_features,
+                out_features,
+                config.rank,
+                config.alpha,
+                dropout=config.dropout,
+                use_rslora=config.use_rslora,
+                init=config.init,
+                kernel_size=kernel,
+                embedding=self.is_embedding,
+                device=weight.device,
+                dtype=dtype,
+            )
+        except ConfigError as err:  # e.g. a scale this dtype cannot hold
+            raise ConfigError(f"adapter {name!r}: {err}") from err
+        except (RuntimeError, MemoryError) as err:  # NotImplementedError is a RuntimeError
+            cause = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise AdapterError(
+                f"cannot build adapter {name!r} with rank={config.rank}, dtype={dtype} for a "
+                f"weight of shape {tuple(weight.shape)}: {cause}"
+            ) from err
 
     def delete_adapter(self, name: str) -> None:
         """Remove adapter `name` (unmerging it first if it is merged)."""
@@ -109,11 +131,22 @@ class LoraLayer(nn.Module):
         """s * B A of adapter `name`, in the layout and on the device of `self.weight`."""
         return self.to_weight_layout(self.lora[name].delta_weight())
 
-    def merge(self, names: tuple[str, ...] | None = None) -> None:
-        """Fold adapters (default: the active ones) into `weight`; merged ones are skipped."""
-        for name in self.lora_active if names is None else names:
-            if name in self.lora_merged:
-                continue
+    def merge(self, names: tuple[str, ...] | None = None, keep_original: bool = True) -> None:
+        """Fold adapters (default: the active ones) into `weight`; merged ones are skipped.
+
+        With `keep_original` the first merge keeps a copy of the unmerged `weight` (one weight
+        of memory per layer, held only while something is merged), so `unmerge` gives the
+        weight back bit for bit. Without it `unmerge` subtracts, which rounds: see
+        `lorakit.merge.merge` for the bound.
+
+        Raises:
+            MergeError: the merged weight would hold NaN or inf; nothing of it is written.
+        """
+        wanted = dict.fromkeys(self.lora_active if names is None else names)
+        todo = [n for n in wanted if n not in self.lora_merged]
+        first = keep_original and bool(todo) and not self.lora_merged
+        original = self.weight.detach().clone() if first else None
+        for name in todo:
             with torch.no_grad():
                 new = merged_weight(self.weight, self.delta_weight(name))
                 if not new.is_meta and not torch.isfinite(new).all():
@@ -123,15 +156,53 @@ class LoraLayer(nn.Module):
                     )
                 self.weight.copy_(new)
             self.lora_merged = (*self.lora_merged, name)
+            if original is not None:  # kept only once a merge went in
+                self.lora_original, original = original, None
 
     def unmerge(self, names: tuple[str, ...] | None = None) -> None:
-        """Take merged adapters (default: all merged) out of `weight` again."""
-        for name in self.lora_merged if names is None else names:
-            if name not in self.lora_merged:
-                continue
-            with torch.no_grad():
-                self.weight.copy_(merged_weight(self.weight, self.delta_weight(name), sign=-1))
-            self.lora_merged = tuple(m for m in self.lora_merged if m != name)
+        """Take merged adapters (default: all merged) out of `weight` again.
+
+        Exact (the kept original plus the adapters still merged) when `merge` kept the
+        original and `weight` has not changed since; otherwise each delta is subtracted.
+        """
+        out = [n for n in self.lora_merged if names is None or n in names]
+        if not out:
+            return
+        keep = tuple(n for n in self.lora_merged if n not in out)
+        original = self._exact_original()
+        with torch.no_grad():
+            if original is not None:
+                self.weight.copy_(self._with_deltas(original, keep))
+            else:
+                for name in out:
+                    delta = self.delta_weight(name)
+                    self.weight.copy_(merged_weight(self.weight, delta, sign=-1))
+        self.lora_merged = keep
+        if not keep:
+            self.lora_original = None  # free the copy: nothing is merged
+
+    def _with_deltas(self, weight: Tensor, names: tuple[str, ...]) -> Tensor:
+        """`weight` plus the deltas of `names`, added one by one in order, as `merge` does."""
+        for name in names:
+            weight = merged_weight(weight, self.delta_weight(name))
+        return weight
+
+    def _exact_original(self) -> Tensor | None:
+        """The kept unmerged weight, if `weight` is still exactly it plus the merged deltas.
+
+        The check recomputes the merged weight rather than trusting the copy, so a weight
+        changed while merged (load_state_dict, a dtype cast, a deep copy) is never undone.
+        """
+        original = getattr(self, "lora_original", None)
+        weight = self.weight
+        if original is None or (original.shape, original.dtype) != (weight.shape, weight.dtype):
+            return None
+        original = original.to(weight.device)
+        if weight.is_meta:
+            return original
+        with torch.no_grad():
+            same = torch.equal(self._with_deltas(original, self.lora_merged), weight)
+        return original if same else None
 
     # -- forward --------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:

@@ -8,7 +8,17 @@ import torch
 from torch import Tensor, nn
 
 from ..config import Init, check_alpha, check_choice, check_dropout, check_rank, scaling
+from ..errors import ConfigError
 from ..functional import delta_weight, linear_delta
+
+
+def _check_scale(scale: float, dtype: torch.dtype) -> None:
+    """A scale the adapter's dtype cannot hold makes even a fresh adapter output inf * 0."""
+    if dtype.is_floating_point and scale > torch.finfo(dtype).max:
+        raise ConfigError(
+            f"the scale alpha / rank = {scale:g} overflows the adapter dtype {dtype}; "
+            "lower alpha or use a wider dtype"
+        )
 
 
 class LoRA(nn.Module):
@@ -54,6 +64,7 @@ class LoRA(nn.Module):
         self.use_rslora = use_rslora
         self.embedding = embedding
         self.scaling = scaling(self.rank, self.alpha, use_rslora)
+        _check_scale(self.scaling, dtype or torch.get_default_dtype())
         p = check_dropout(dropout)
         # nn.Identity rather than Dropout(0): nothing to do, and it prints as what it is.
         self.dropout = nn.Dropout(p) if p > 0 else nn.Identity()
