@@ -65,7 +65,7 @@ class LoraLayer(nn.Module):
     def adapt(cls, module: nn.Module) -> LoraLayer:
         """Turn `module` (an instance of `cls.base_class`) into this class, in place."""
         module.__class__ = cls
-        module.lora = nn.ModuleDict()
+        module.lora = nn.ModuleDict().train(module.training)
         module.lora_active = ()
         module.lora_merged = ()
         module.lora_disabled = False
@@ -86,6 +86,7 @@ class LoraLayer(nn.Module):
         if name in self.lora:
             raise AdapterError(f"adapter {name!r} already exists on this layer")
         adapter = self._build_adapter(name, config)
+        adapter.train(self.training)  # a new module starts in training mode; follow the layer's
         self.lora[name] = adapter
         self.lora_active = (*self.lora_active, name)
         return adapter
