@@ -89,10 +89,11 @@ def check_weight_files(model_dir: str | Path) -> None:
     Raises:
         CheckpointError: a file is truncated or is not safetensors, naming it.
     """
-    from ..checkpoint.io import read_header
+    from ..checkpoint.safetensors_file import SafetensorsFile
 
     for weights in sorted(Path(model_dir).glob("*.safetensors")):
-        read_header(weights)
+        with SafetensorsFile(weights):  # the header and layout are checked on opening
+            pass
 
 
 def load_tokenizer(model_dir: str | Path) -> Any:
