@@ -132,7 +132,8 @@ def test_finetune_without_matplotlib_skips_the_plot(tmp_path, bert_dir, capsys, 
     argv = ["finetune", "--model", str(bert_dir), "--data", str(data), "--out", str(out),
             "--max-steps", "1", "--threads", "1", "--progress", "none"]  # fmt: skip
     assert main(argv) == 0
-    err = capsys.readouterr().err
-    assert "matplotlib is not installed, so no training.png was drawn" in err
+    printed = capsys.readouterr()
+    assert "matplotlib is not installed, so no training.png was drawn" in printed.err
+    assert "none (no matplotlib)" in printed.out  # the summary names no plot file
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
     assert not (out / "training.png").exists()

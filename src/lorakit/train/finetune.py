@@ -34,7 +34,7 @@ from .model import infer_task, load_model, load_tokenizer, read_model_config
 from .options import Task, TrainOptions
 from .out_folder import check_out
 from .precision import load_dtype, upcast
-from .report import PLOT_FILE, plot, table
+from .report import plot, table
 from .state import trainable_state
 
 ADAPTER_DIR = "adapter"
@@ -163,9 +163,9 @@ def _finetune(
         "majority_baseline": baseline,
     }
     (out / RUN_FILE).write_text(json.dumps(run_info, indent=2, default=str) + "\n")
-    plot(out, METRIC[task])
+    drawn = plot(out, METRIC[task])
     summary = _summary(
-        options, task, report, result, baseline, len(train_data), len(eval_data), env
+        options, task, report, result, baseline, len(train_data), len(eval_data), env, drawn
     )
     print(summary, flush=True)
     return FinetuneResult(
@@ -245,6 +245,7 @@ def _summary(
     n_train: int,
     n_eval: int,
     env: DistEnv,
+    drawn: Path | None,
 ) -> str:
     share = 100.0 * report.trainable / report.total if report.total else 0.0
     batch = options.batch_size * options.grad_accum * env.world_size
@@ -266,6 +267,6 @@ def _summary(
     out = Path(options.out)
     rows += [
         ("adapter", str(out / ADAPTER_DIR)),
-        ("metrics / plot", f"{out / 'metrics.jsonl'} / {out / PLOT_FILE}"),
+        ("metrics / plot", f"{out / 'metrics.jsonl'} / {drawn or 'none (no matplotlib)'}"),
     ]
     return table([(k, str(v)) for k, v in rows])
