@@ -13,7 +13,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 install: $(VENV)/.installed
 
 demo: install
-	$(VENV)/bin/lorakit finetune
+	$(VENV)/bin/lorakit finetune --overwrite
 
 test: install
 	$(VENV)/bin/ruff check src tests benchmarks examples

@@ -23,6 +23,7 @@ options = TrainOptions(
     eval_file=str(eval_file),
     task="seq-cls",  # MiniLM's config names only the bare encoder, so say which head
     out="runs/api",
+    overwrite=True,  # rerunnable: replace an earlier run in runs/api
     epochs=1,
     batch_size=32,
     lr=1e-3,

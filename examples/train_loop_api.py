@@ -29,7 +29,9 @@ starts = torch.randint(0, 256, (256,), generator=g).tolist()
 rows = [[(s + 3 * i) % 256 for i in range(16)] for s in starts]
 data = [{"input_ids": r, "labels": r} for r in rows]
 
-options = TrainOptions(out="runs/loop", epochs=4, batch_size=16, lr=1e-2, eval_every=0, threads=1)
+options = TrainOptions(
+    out="runs/loop", overwrite=True, epochs=4, batch_size=16, lr=1e-2, eval_every=0, threads=1
+)
 result = train(
     model, data[:224], data[224:], options, task="causal-lm", collate_fn=Collator(0), env=env
 )
