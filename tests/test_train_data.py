@@ -1,4 +1,5 @@
-"""Tests for lorakit.train.data (reading, validation, labels, batching) and the demo data."""
+"""Tests for lorakit.train.data and the modules it re-exports (reading, record formats,
+validation, labels, tokenisation, batching) and the demo data."""
 
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ from lorakit.train.data import (
     validate_records,
 )
 from lorakit.train.demo_data import demo_dataset, demo_model_path
+from lorakit.train.formats import FORMATS, record_format
 
 
 def write(tmp_path: Path, name: str, content: str | bytes) -> Path:
@@ -169,6 +171,42 @@ def test_validate_errors_name_file_line_and_field(tmp_path, name, content, task,
 def test_validate_accepts(tmp_path, content, task):
     path = write(tmp_path, "ok.jsonl", content)
     validate_records(read_records(path), task, path)
+
+
+@pytest.mark.parametrize(
+    ("record", "task", "format_name"),
+    [
+        ({"text": "a", "label": "x"}, "seq-cls", "text+label"),
+        ({"label": "x"}, "seq-cls", "text+label"),  # its check then names 'text'
+        ({"text": "a"}, "causal-lm", "text"),
+        ({"text": "a", "prompt": "q", "completion": "c"}, "causal-lm", "text"),
+        ({"text": "", "prompt": "q", "completion": "c"}, "causal-lm", "prompt+completion"),
+        ({"prompt": "q"}, "causal-lm", "prompt+completion"),
+        ({"completion": "c"}, "causal-lm", "prompt+completion"),
+    ],
+)
+def test_record_format_is_picked_by_the_fields_present(record, task, format_name):
+    assert record_format({**record, LINE_KEY: 4}, task, "d.jsonl").name == format_name
+
+
+def test_record_in_no_format_names_every_format_of_the_task():
+    with pytest.raises(DataError) as caught:
+        record_format({"label": "x", LINE_KEY: 4}, "causal-lm", "d.jsonl")
+    assert str(caught.value) == (
+        "d.jsonl, line 4: missing field 'text' "
+        "(causal-lm needs 'text', or 'prompt' and 'completion')"
+    )
+
+
+def test_unknown_task_is_refused_even_without_records():
+    with pytest.raises(
+        ValueError, match=r"unknown task 'cls' \(expected 'seq-cls' or 'causal-lm'\)"
+    ):
+        validate_records([], "cls", "d.jsonl")
+
+
+def test_every_causal_lm_format_has_an_encoder():
+    assert all(fmt.encode is not None for fmt in FORMATS["causal-lm"])
 
 
 # --------------------------------------------------------------------------- labels, split

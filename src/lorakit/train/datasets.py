@@ -65,9 +65,7 @@ class CausalLMDataset(Dataset):
         truncation_side: TruncationSide = "right",
     ) -> None:
         check_choice(truncation_side, "truncation_side", TRUNCATION_SIDES)
-        self.examples = [
-            _encode(r, tokenizer, max_length, path, truncation_side) for r in records
-        ]
+        self.examples = [_encode(r, tokenizer, max_length, path, truncation_side) for r in records]
 
     def __len__(self) -> int:
         return len(self.examples)
