@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from .._version import __version__
 from ..config import LoraConfig
 from ..errors import AdapterError, CheckpointError, TargetNotFoundError
 from ..inject import (
@@ -81,7 +82,7 @@ def save_adapter(model: nn.Module, path: str | PathLike, adapter_name: str = DEF
     )
     shapes = base_shapes(targets)
     metadata = {
-        META_VERSION: _version(),
+        META_VERSION: __version__,
         META_FINGERPRINT: fingerprint(shapes),
         META_SHAPES: json.dumps(shapes, sort_keys=True),
         META_CONFIG: canonical(peft_config),
@@ -106,12 +107,6 @@ def _tensor(model: nn.Module, slot: Slot, adapter_name: str) -> Tensor:
     tensor = getattr(module.lora[adapter_name], slot.kind)
     assert tuple(tensor.shape) == slot.shape, (slot, tensor.shape)  # plan and layer agree
     return tensor
-
-
-def _version() -> str:
-    from .. import __version__
-
-    return __version__
 
 
 # -- read -----------------------------------------------------------------------------------
