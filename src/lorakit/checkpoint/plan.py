@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from ..config import ALL_LINEAR, LoraConfig
 from ..inject import base_modules, matches_suffix
-from ..layers import LoraLayer, lora_class
+from ..layers import lora_class
 from .peft_format import lora_keys, param_key
 
 Kind = Literal["lora_A", "lora_B", "tensor"]
@@ -113,10 +113,6 @@ def peft_targets(model: nn.Module, config: LoraConfig, adapted: list[str]) -> st
 def base_shapes(targets: list[tuple[str, nn.Module]]) -> dict[str, list[int]]:
     """{path: weight shape} of the adapted layers: the base model's fingerprint material."""
     return {path: list(module.weight.shape) for path, module in targets}
-
-
-def is_lora_layer(module: nn.Module) -> bool:
-    return isinstance(module, LoraLayer)
 
 
 def factor_dtype(slots: Mapping[str, Slot], tensors: Mapping[str, Tensor]) -> torch.dtype:
