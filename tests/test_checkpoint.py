@@ -138,7 +138,7 @@ def test_bias_and_modules_to_save_round_trip(bias: str, tmp_path: Path) -> None:
 # -- atomic saves ---------------------------------------------------------------------------
 _CHILD = """
 import os, signal, sys, torch, lorakit
-import lorakit.checkpoint.io as io
+import lorakit.checkpoint.atomic as atomic
 
 mode, folder = sys.argv[1], sys.argv[2]
 model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
@@ -149,7 +149,7 @@ for p in model.parameters():
 if mode == "mid-write":  # die with half of the new weights file written
     def half(f, data):
         f.write(data[: len(data) // 2]); f.flush(); os.kill(os.getpid(), signal.SIGKILL)
-    io.write_bytes = half
+    atomic.write_bytes = half
 elif mode == "between-files":  # die after the weights are in place, before the config
     real, calls = os.replace, []
     def replace(src, dst):

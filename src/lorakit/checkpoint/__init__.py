@@ -26,8 +26,9 @@ from ..inject import (
     lora_layers,
     without_missing_saved,
 )
+from .atomic import atomic_write
 from .files import DEFAULT, adapter_folder, canonical, open_adapter
-from .io import CONFIG_NAME, WEIGHTS_NAME, atomic_write, folder_lock, safetensors_bytes
+from .io import CONFIG_NAME, WEIGHTS_NAME, folder_lock, safetensors_bytes
 from .peft_format import from_peft, to_peft, with_prefix
 from .plan import Slot, base_shapes, factor_dtype, peft_targets, plan
 from .validate import (
