@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import signal
@@ -9,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import typing
 import warnings
 from pathlib import Path
 
@@ -20,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import lorakit
-from lorakit.checkpoint import fingerprint, read_adapter
+from lorakit.checkpoint import LoadOptions, fingerprint, load_adapter, read_adapter
 from lorakit.errors import AdapterError, CheckpointError
 from lorakit.inject import adapter_configs
 
@@ -71,6 +73,20 @@ def test_round_trip_models(case: ModelCase, tmp_path: Path) -> None:
         loaded = lorakit.from_pretrained(base, tmp_path)
     torch.testing.assert_close(case.run(loaded), case.run(model), rtol=0, atol=0)
     assert lorakit.adapter_names(loaded) == ("default",)
+
+
+def test_from_pretrained_takes_load_adapters_options(tmp_path: Path) -> None:
+    # written once: LoadOptions names exactly load_adapter's keyword options, with their types
+    params = inspect.signature(load_adapter).parameters.values()
+    keyword = [p.name for p in params if p.kind is p.KEYWORD_ONLY]
+    hints = typing.get_type_hints(load_adapter)
+    assert typing.get_type_hints(LoadOptions) == {n: hints[n] for n in keyword}
+    model = _adapted(MODEL_CASES[0])
+    lorakit.save_adapter(model, tmp_path)
+    loaded = lorakit.from_pretrained(MODEL_CASES[0].make(), tmp_path, dtype=torch.float64)
+    assert {p.dtype for n, p in loaded.named_parameters() if ".lora." in n} == {torch.float64}
+    with pytest.raises(TypeError, match="allow_pickles"):
+        lorakit.from_pretrained(MODEL_CASES[0].make(), tmp_path, allow_pickles=True)
 
 
 def test_files_follow_peft_layout(tmp_path: Path) -> None:
@@ -138,7 +154,7 @@ def test_bias_and_modules_to_save_round_trip(bias: str, tmp_path: Path) -> None:
 # -- atomic saves ---------------------------------------------------------------------------
 _CHILD = """
 import os, signal, sys, torch, lorakit
-import lorakit.checkpoint.io as io
+import lorakit.checkpoint.atomic as atomic
 
 mode, folder = sys.argv[1], sys.argv[2]
 model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
@@ -149,7 +165,7 @@ for p in model.parameters():
 if mode == "mid-write":  # die with half of the new weights file written
     def half(f, data):
         f.write(data[: len(data) // 2]); f.flush(); os.kill(os.getpid(), signal.SIGKILL)
-    io.write_bytes = half
+    atomic.write_bytes = half
 elif mode == "between-files":  # die after the weights are in place, before the config
     real, calls = os.replace, []
     def replace(src, dst):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import re
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -113,12 +112,16 @@ def test_merge_into_a_parent_that_is_a_file(tmp_path, bert_dir, adapter_dir, cap
 
 def test_merge_into_a_read_only_parent(tmp_path, bert_dir, adapter_dir, capsys, monkeypatch):
     # Tests may run as root, where chmod does not stop writes: refuse them at the source.
-    def refuse(*args, dir=None, **kwargs):  # noqa: A002 - mkdtemp's own keyword
-        raise PermissionError(13, "Permission denied", dir)
-
-    monkeypatch.setattr(tempfile, "mkdtemp", refuse)
     parent = tmp_path / "read-only"
     parent.mkdir()
+    real_mkdir = Path.mkdir
+
+    def refuse(self: Path, *args, **kwargs) -> None:
+        if self.parent == parent:
+            raise PermissionError(13, "Permission denied", str(self))
+        real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", refuse)
     argv = ["--base", str(bert_dir), "--adapter", str(adapter_dir)]
     line = _one_error(capsys, "merge", [*argv, "--out", str(parent / "merged")])
     assert line.endswith(f"cannot write --out {parent / 'merged'}: Permission denied")

@@ -1,5 +1,6 @@
 """lorakit: Low-Rank Adaptation for PyTorch models. y = W x + (alpha / rank) * B(A x)."""
 
+from ._version import __version__
 from .adapters import active_adapters, adapter_names, delete_adapter, set_active
 from .checkpoint import from_pretrained, load_adapter, save_adapter
 from .config import LoraConfig
@@ -26,9 +27,8 @@ from .merge import disabled, merge, merge_and_unload, unload, unmerge
 from .routing import routing
 from .seed import build, lora_delta, output_size, wrap
 
-__version__ = "0.1.0"
-
 __all__ = [
+    "__version__",
     "AdapterError",
     "CheckpointError",
     "ConfigError",

@@ -222,7 +222,15 @@ def inject(
     check_adapter_name(adapter_name)
     if adapter_name in adapter_configs(model):
         raise AdapterError(f"adapter {adapter_name!r} is already on the model; pick another name")
-    targets = find_targets(model, config)
+    return inject_found(model, config, find_targets(model, config), adapter_name)
+
+
+def inject_found(
+    model: nn.Module, config: LoraConfig, targets: list[tuple[str, nn.Module]], adapter_name: str
+) -> InjectionReport:
+    """`inject` into `targets`, what `find_targets(model, config)` returned, for a caller that
+    found them already (`load_adapter` checks them before the model changes) and checked
+    `adapter_name`."""
     undo = _Undo.take(model, targets)
     try:
         _add_adapters(model, targets, config, adapter_name)

@@ -1,4 +1,4 @@
-"""Adapter files on disk: atomic writes, and reads that turn any damage into CheckpointError.
+"""Adapter files on disk: the folder lock, and reads that turn any damage into CheckpointError.
 
 Nothing here unpickles unless asked: safetensors is read by default, and PEFT's legacy
 `adapter_model.bin` only with `allow_pickle=True`, through `torch.load(weights_only=True)`.
@@ -7,7 +7,6 @@ Nothing here unpickles unless asked: safetensors is read by default, and PEFT's 
 from __future__ import annotations
 
 import os
-import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -30,17 +29,6 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_NAME = "adapter_model.bin"
 
 
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 @contextmanager
 def folder_lock(folder: Path, shared: bool = False) -> Iterator[None]:
     """Hold flock on the adapter folder itself: exclusive while a save writes its pair of
@@ -60,45 +48,6 @@ def folder_lock(folder: Path, shared: bool = False) -> Iterator[None]:
     finally:
         if fd is not None:
             os.close(fd)  # closing the last fd releases the lock
-
-
-def _temp_file(path: Path) -> tuple[int, Path]:
-    """A new file beside `path`, created with mode 0666 so the umask applies to it as to any
-    other file (mkstemp would make it owner-only)."""
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
-    for _ in range(100):
-        tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-        try:
-            return os.open(tmp, flags, 0o666), tmp
-        except FileExistsError:
-            continue
-    raise FileExistsError(f"no free temporary name beside {path}")  # pragma: no cover
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write `data` to `path` so that readers see the old file or the new one, never a mix.
-
-    The bytes go to a temporary file in the same folder, are fsynced, then renamed over `path`
-    (rename is atomic within one file system); the folder is fsynced so the rename survives
-    a crash. An interrupted write leaves at most a stray `.tmp` file, never a damaged `path`.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = _temp_file(path)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write_bytes(f, data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def write_bytes(f, data: bytes) -> None:  # noqa: ANN001 - a binary file object
-    """The one place bytes hit a file (a seam the interrupted-save tests slow down)."""
-    f.write(data)
 
 
 def safetensors_bytes(tensors: dict[str, Tensor], metadata: dict[str, str]) -> bytes:

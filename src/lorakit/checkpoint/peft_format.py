@@ -14,7 +14,7 @@ import re
 import warnings
 from collections.abc import Mapping
 
-from ..config import ALL_LINEAR, LoraConfig
+from ..config import LoraConfig
 from ..errors import CheckpointError
 from .schema import check_types
 
@@ -165,7 +165,3 @@ def param_key(path: str, param: str, adapted: bool) -> str:
 def with_prefix(key: str) -> str:
     """PEFT accepts keys with or without `base_model.model.`; lorakit compares with it."""
     return key if key.startswith(PREFIX) else PREFIX + key
-
-
-def is_all_linear(targets: object) -> bool:
-    return targets == ALL_LINEAR

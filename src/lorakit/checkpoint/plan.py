@@ -17,10 +17,11 @@ from torch import Tensor, nn
 
 from ..config import ALL_LINEAR, LoraConfig
 from ..inject import base_modules, matches_suffix
-from ..layers import LoraLayer, lora_class
+from ..layers import lora_class
 from .peft_format import lora_keys, param_key
 
 Kind = Literal["lora_A", "lora_B", "tensor"]
+Modules = list[tuple[str, nn.Module]]  # (path, module) pairs
 # dtypes LoRA factors compute in; a file's other floats (float8) load as float32
 COMPUTE_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
 # PEFT may save these layers' base weights (save_embedding_layers, e.g. after a vocab resize)
@@ -59,10 +60,9 @@ def _own_tensors(module: nn.Module, prefix: str) -> Iterable[tuple[str, str, Ten
                 yield path, name, b
 
 
-def plan(
-    model: nn.Module, config: LoraConfig, targets: list[tuple[str, nn.Module]]
-) -> dict[str, Slot]:
-    """PEFT key -> Slot for an adapter with `config` on the layers `targets` (path, module)."""
+def plan(config: LoraConfig, modules: Modules, targets: Modules) -> dict[str, Slot]:
+    """PEFT key -> Slot for an adapter with `config` on the layers `targets` (path, module);
+    `modules` is the model's `base_modules`, walked once by the caller."""
     slots: dict[str, Slot] = {}
     adapted = {path for path, _ in targets}
     for path, module in targets:
@@ -74,33 +74,33 @@ def plan(
         weight = param_key(path, "weight", adapted=True)
         slots[weight] = Slot("tensor", path, "weight", tuple(module.weight.shape), optional=True)
     if config.bias != "none":
-        pool = targets if config.bias == "lora_only" else list(base_modules(model))
+        pool = targets if config.bias == "lora_only" else modules
         for path, module in pool:
             bias = module._parameters.get("bias") if path else None
             if isinstance(bias, nn.Parameter):
                 key = param_key(path, "bias", adapted=path in adapted)
                 slots[key] = Slot("tensor", path, "bias", tuple(bias.shape))
-    for path, module in base_modules(model):
+    for path, module in modules:
         if path.endswith(EMBEDDING_NAMES) and path not in adapted:
             weight = getattr(module, "weight", None)
             if isinstance(weight, nn.Parameter):
                 key = param_key(path, "weight", adapted=False)
                 slots[key] = Slot("tensor", path, "weight", tuple(weight.shape), optional=True)
-    for path, _ in base_modules(model):
+    for path, module in modules:
         if path and matches_suffix(path, config.modules_to_save):
-            for owner, name, t in _own_tensors(model.get_submodule(path), path):
+            for owner, name, t in _own_tensors(module, path):
                 key = param_key(owner, name, adapted=False)
                 slots[key] = Slot("tensor", owner, name, tuple(t.shape))
     return slots
 
 
-def peft_targets(model: nn.Module, config: LoraConfig, adapted: list[str]) -> str | list[str]:
+def peft_targets(config: LoraConfig, modules: Modules, adapted: list[str]) -> str | list[str]:
     """`target_modules` for PEFT: the config's own when PEFT's matching of it picks exactly
-    the adapted layers, else the explicit list of adapted paths (what PEFT writes itself
-    for "all-linear")."""
+    the adapted layers (among `modules`, the model's `base_modules`), else the explicit list
+    of adapted paths (what PEFT writes itself for "all-linear")."""
     targets = config.targets
     if targets != ALL_LINEAR and not config.exclude:
-        names = [n for n, _ in base_modules(model) if n]
+        names = [n for n, _ in modules if n]
         if isinstance(targets, str):
             matched = {n for n in names if re.fullmatch(targets, n)}
         else:
@@ -113,10 +113,6 @@ def peft_targets(model: nn.Module, config: LoraConfig, adapted: list[str]) -> st
 def base_shapes(targets: list[tuple[str, nn.Module]]) -> dict[str, list[int]]:
     """{path: weight shape} of the adapted layers: the base model's fingerprint material."""
     return {path: list(module.weight.shape) for path, module in targets}
-
-
-def is_lora_layer(module: nn.Module) -> bool:
-    return isinstance(module, LoraLayer)
 
 
 def factor_dtype(slots: Mapping[str, Slot], tensors: Mapping[str, Tensor]) -> torch.dtype:

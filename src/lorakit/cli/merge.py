@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
 from ..checkpoint import load_adapter, read_adapter
+from ..checkpoint.atomic import atomic_folder
 from ..checkpoint.io import read_json
 from ..errors import CheckpointError
 from ..inject import lora_layers
@@ -136,26 +136,13 @@ def explain_bare_model(
         )
 
 
-def _make_tmp(out: Path) -> Path:
-    """An empty folder beside `out`, to be renamed into place; CheckpointError when `out`'s
-    parent cannot be written."""
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        return Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    except OSError as err:
-        raise CheckpointError(f"cannot write --out {out}: {err.strerror or err}") from None
-
-
-def _save(model: nn.Module, base: Path, tmp: Path, out: Path) -> None:
-    """Write the merged model and the base's side files to `tmp`, then rename it to `out`."""
-    model.save_pretrained(tmp)  # transformers writes safetensors
+def _save(model: nn.Module, base: Path, folder: Path) -> None:
+    """Write the merged model and the base's side files to `folder`."""
+    model.save_pretrained(folder)  # transformers writes safetensors
     for f in base.iterdir():
         side_file = f.is_file() and not f.name.endswith(_WEIGHT_SUFFIXES)
-        if side_file and not (tmp / f.name).exists():
-            shutil.copy2(f, tmp / f.name)
-    if out.exists():
-        out.rmdir()  # empty (checked before)
-    tmp.rename(out)
+        if side_file and not (folder / f.name).exists():
+            shutil.copy2(f, folder / f.name)
 
 
 def merge_folder(
@@ -177,25 +164,22 @@ def merge_folder(
     # Read and check the adapter first: it is small, the model is not.
     folder, raw, tensors, _ = read_adapter(adapter, adapter_name, allow_pickle=allow_pickle)
     task, labels = adapter_task(folder, raw, task)
-    tmp = _make_tmp(out)
     try:
-        model = load_base(base, task, labels)
-        if task == "seq-cls":
-            check_head_source(model, raw, base, adapter)
-        try:
-            load_adapter(model, adapter, adapter_name, allow_pickle=allow_pickle)
-        except CheckpointError:
-            explain_bare_model(model, tensors, base, adapter)
-            raise
-        layers = len(list(lora_layers(model)))
-        merge_and_unload(model)
-        _save(model, base, tmp, out)
+        # made first (an unwritable --out fails before the model loads); mkdtemp's mode as before
+        with atomic_folder(out, replace=False, mode=0o700) as tmp:
+            model = load_base(base, task, labels)
+            if task == "seq-cls":
+                check_head_source(model, raw, base, adapter)
+            try:
+                load_adapter(model, adapter, adapter_name, allow_pickle=allow_pickle)
+            except CheckpointError:
+                explain_bare_model(model, tensors, base, adapter)
+                raise
+            layers = len(list(lora_layers(model)))
+            merge_and_unload(model)
+            _save(model, base, tmp)
     except OSError as err:
-        shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointError(f"cannot write --out {out}: {err.strerror or err}") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return layers, out
 
 

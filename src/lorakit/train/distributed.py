@@ -66,15 +66,6 @@ def barrier(env: DistEnv) -> None:
         dist.barrier()
 
 
-def any_true(env: DistEnv, flag: bool) -> bool:
-    """True on every rank when `flag` is True on any rank (e.g. a NaN loss)."""
-    if not env.distributed:
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=env.device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item() > 0)
-
-
 def all_sum(env: DistEnv, values: list[float]) -> list[float]:
     """Element-wise sum of `values` over ranks (float64, so counts stay exact)."""
     if not env.distributed:

@@ -5,7 +5,6 @@ an adapter, metrics, a plot and a summary. Every option is checked before traini
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -14,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..checkpoint.atomic import atomic_folder
 from ..config import LoraConfig
 from ..errors import ConfigError, LorakitError
 from ..inject import InjectionReport, inject
@@ -227,12 +227,8 @@ def _with_head(lora: LoraConfig, model: nn.Module) -> LoraConfig:
 def _publish_adapter(checkpoint: Path | None, dest: Path) -> Path:
     """Copy the final checkpoint's adapter to `dest`, replacing any old one whole."""
     assert checkpoint is not None  # train() always ends with a checkpoint
-    tmp = dest.with_name(f".tmp-{dest.name}-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(checkpoint / "adapter", tmp)
-    if dest.exists():
-        shutil.rmtree(dest)
-    os.replace(tmp, dest)
+    with atomic_folder(dest) as tmp:
+        shutil.copytree(checkpoint / "adapter", tmp, dirs_exist_ok=True)
     return dest
 
 

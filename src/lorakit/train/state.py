@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..checkpoint.atomic import TRASH_PREFIX, atomic_folder
 from ..errors import CheckpointError
 from .distributed import DistEnv, broadcast_object, full_params, gather_objects
 from .state_format import JSON_FILE, TENSOR_FILE, read_state, write_state
@@ -41,7 +42,6 @@ from .state_format import JSON_FILE, TENSOR_FILE, read_state, write_state
 LEGACY_FILE = "state.pt"  # the pickle of earlier versions: refused by name, never read
 ADAPTER_DIR = "adapter"
 _NAME = re.compile(r"step-(\d{8})")
-_TRASH = ".trash-"
 _REQUIRED = ("position", "rng", "model", "optimizer", "scheduler", "world_size")
 
 
@@ -149,19 +149,11 @@ def save_checkpoint(
 
 
 def _write_atomically(final: Path, state: dict[str, Any], write_adapter: Callable) -> None:
-    """Fill a temporary sibling folder, then rename it to `final` (atomic on POSIX)."""
-    tmp = final.with_name(f".tmp-{final.name}-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    write_state(tmp, state)
-    write_adapter(tmp / ADAPTER_DIR)
-    trash = final.with_name(f"{_TRASH}{final.name}-{os.getpid()}")
-    if final.exists():  # the same step written again: set the old one aside, never lose both
-        shutil.rmtree(trash, ignore_errors=True)
-        os.replace(final, trash)
-    os.replace(tmp, final)
-    _fsync_dir(final.parent)
-    shutil.rmtree(trash, ignore_errors=True)
+    """Fill a temporary sibling folder, then rename it to `final` (atomic on POSIX); the
+    same step written again sets the old one aside first, so a crash never loses both."""
+    with atomic_folder(final) as tmp:
+        write_state(tmp, state)
+        write_adapter(tmp / ADAPTER_DIR)
 
 
 def _prune(root: Path, keep: int) -> None:
@@ -171,11 +163,11 @@ def _prune(root: Path, keep: int) -> None:
     kept = set(_checkpoints(root)[-keep:])
     for path in sorted(root.iterdir()):
         if _NAME.fullmatch(path.name) and path not in kept:
-            trash = path.with_name(f"{_TRASH}{path.name}-{os.getpid()}")
+            trash = path.with_name(f"{TRASH_PREFIX}{path.name}-{os.getpid()}")
             shutil.rmtree(trash, ignore_errors=True)
             os.replace(path, trash)
             shutil.rmtree(trash, ignore_errors=True)
-        elif path.name.startswith(_TRASH):  # a previous run was killed while deleting it
+        elif path.name.startswith(TRASH_PREFIX):  # a previous run was killed while deleting it
             shutil.rmtree(path, ignore_errors=True)
 
 
@@ -324,11 +316,3 @@ def _restore_fsdp(model: nn.Module, optimizer: torch.optim.Optimizer, state: dic
         optim_state_dict=state["optimizer"],
         options=options,
     )
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -25,7 +25,8 @@ from typing import Any
 
 import torch
 
-from ..checkpoint.io import atomic_write, read_safetensors, safetensors_bytes
+from ..checkpoint.atomic import atomic_write
+from ..checkpoint.io import read_safetensors, safetensors_bytes
 from ..errors import CheckpointError
 
 JSON_FILE = "state.json"

@@ -1,0 +1,94 @@
+"""Save an adapter in Hugging Face PEFT's format, atomically, one save of a folder at a time.
+
+folder/adapter_config.json           PEFT's keys only
+folder/adapter_model.safetensors     PEFT's tensor keys; lorakit's extras in the header metadata
+folder/<name>/...                    an adapter not named "default" (PEFT's layout)
+"""
+
+from __future__ import annotations
+
+import json
+from os import PathLike
+from pathlib import Path
+
+from torch import Tensor, nn
+
+from .._version import __version__
+from ..config import LoraConfig
+from ..errors import AdapterError
+from ..inject import adapter_configs, base_modules, check_adapter_name
+from ..layers import LoraLayer
+from .atomic import atomic_write
+from .files import DEFAULT, adapter_folder, canonical
+from .io import CONFIG_NAME, WEIGHTS_NAME, folder_lock, safetensors_bytes
+from .peft_format import to_peft
+from .plan import Modules, Slot, base_shapes, peft_targets, plan
+from .validate import META_CONFIG, META_FINGERPRINT, META_SHAPES, META_VERSION, fingerprint
+
+
+def save_adapter(model: nn.Module, path: str | PathLike, adapter_name: str = DEFAULT) -> Path:
+    """Write adapter `adapter_name` of `model` in PEFT's format; returns the adapter's folder.
+
+    "default" goes to `path`, any other name to `path/<name>` (as PEFT's save_pretrained).
+    Each file is written to a temporary file beside it, fsynced and renamed into place, the
+    weights first; the weights' header also carries the config, so an interrupted save leaves
+    the previous adapter (or the new one) loadable, never a mix. Saves (and lorakit's reads)
+    of one folder hold a lock on it, so two processes saving at once leave one whole adapter.
+
+    Raises:
+        AdapterError: `adapter_name` is not a plain identifier or not on the model.
+    """
+    check_adapter_name(adapter_name)
+    configs = adapter_configs(model)
+    if adapter_name not in configs:
+        raise AdapterError(f"unknown adapter {adapter_name!r}; the model has {list(configs)}")
+    config = configs[adapter_name]
+    modules = list(base_modules(model))  # the one walk: targets, plan and PEFT's targets
+    targets = [(p, m) for p, m in modules if isinstance(m, LoraLayer) and adapter_name in m.lora]
+    slots = plan(config, modules, targets)
+    tensors = {
+        key: _tensor(model, slot, adapter_name) for key, slot in slots.items() if not slot.optional
+    }
+    peft_config = _peft_config(model, config, modules, targets)
+    shapes = base_shapes(targets)
+    metadata = {
+        META_VERSION: __version__,
+        META_FINGERPRINT: fingerprint(shapes),
+        META_SHAPES: json.dumps(shapes, sort_keys=True),
+        META_CONFIG: canonical(peft_config),
+    }
+    folder = adapter_folder(path, adapter_name)
+    config_bytes = (json.dumps(peft_config, indent=2, sort_keys=True) + "\n").encode()
+    _write(folder, safetensors_bytes(tensors, metadata), config_bytes)
+    return folder
+
+
+def _tensor(model: nn.Module, slot: Slot, adapter_name: str) -> Tensor:
+    module = model.get_submodule(slot.module)
+    if slot.kind == "tensor":
+        return getattr(module, slot.name)
+    tensor = getattr(module.lora[adapter_name], slot.kind)
+    assert tuple(tensor.shape) == slot.shape, (slot, tensor.shape)  # plan and layer agree
+    return tensor
+
+
+def _peft_config(
+    model: nn.Module, config: LoraConfig, modules: Modules, targets: Modules
+) -> dict[str, object]:
+    """The adapter_config.json of the adapter `config` on `targets`."""
+    # GPT-2 Conv1D layers store W as (in, out); by the class flag, so transformers stays optional.
+    fan_in_fan_out = any(getattr(layer, "weight_transposed", False) for _, layer in targets)
+    name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
+    target_modules = peft_targets(config, modules, [p for p, _ in targets])
+    return to_peft(config, target_modules, fan_in_fan_out, name_or_path)
+
+
+def _write(folder: Path, weights_bytes: bytes, config_bytes: bytes) -> None:
+    """Write the pair of files, weights first, under the folder's lock."""
+    config_path = folder / CONFIG_NAME
+    folder.mkdir(parents=True, exist_ok=True)
+    with folder_lock(folder):  # another save of this folder waits: the pair stays one save's
+        atomic_write(folder / WEIGHTS_NAME, weights_bytes)
+        # An unchanged config is not rewritten: then the weights' rename alone is the save.
+        if not config_path.is_file() or config_path.read_bytes() != config_bytes:
+            atomic_write(config_path, config_bytes)
