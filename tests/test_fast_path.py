@@ -11,7 +11,7 @@ from transformers.pytorch_utils import Conv1D
 import lorakit
 import lorakit.layers.linear as linear_module
 from lorakit import LoraConfig, LoraLayer, inject
-from lorakit.functional import merge_pays
+from lorakit.fused import merge_pays
 
 RTOL = 1e-5
 

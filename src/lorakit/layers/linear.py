@@ -7,7 +7,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from ..functional import autocast_dtype, fused_lora_linear
+from ..fused import autocast_dtype, fused_lora_linear
 from .base import LoraLayer
 from .lora import LoRA
 
@@ -15,7 +15,7 @@ from .lora import LoRA
 class LinearLora(LoraLayer):
     """Per-type math for any layer with a Linear-shaped weight (out, in).
 
-    `forward` takes the fused fast path (`functional.fused_lora_linear`: one autograd node,
+    `forward` takes the fused fast path (`fused.fused_lora_linear`: one autograd node,
     the low-rank product added into the base output in place, no gradient for W, dropout
     masks kept as booleans rather than a dropped copy of x) whenever it computes what the plain path
     `LoraLayer.forward` would (equal to rounding in float32), and falls back to the plain path
