@@ -113,7 +113,8 @@ def clear_cache(model: nn.Module | None = None) -> None:
 
 
 class RowRouting:
-    """Which adapter each row uses, and the per-layer stacks built from it.
+    """Which adapter each row uses, and the per-layer stacks built from it: the
+    `RoutingHook` (`lorakit.layers.routing_hook`) each routed layer's `lora_routing` holds.
 
     Attributes:
         names: the adapters that some row uses, in first-use order.
