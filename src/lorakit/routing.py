@@ -25,7 +25,7 @@ from .adapters import adapter_names
 from .errors import AdapterError, UnsupportedLayerError
 from .inject import lora_layers
 from .layers.base import LoraLayer
-from .layers.conv import ConvLora
+from .layers.conv import ConvLoraMixin
 
 __all__ = ["RowRouting", "clear_cache", "routing"]
 
@@ -246,7 +246,7 @@ def routing(
             )
         if layer.lora_routing is not None:
             raise AdapterError(f"layer {path!r} is already routed; routing contexts do not nest")
-        if isinstance(layer, ConvLora) and any(n in layer.lora for n in names):
+        if isinstance(layer, ConvLoraMixin) and any(n in layer.lora for n in names):
             raise UnsupportedLayerError(
                 f"mixed-adapter batches support Linear, GPT-2 Conv1D and Embedding layers; "
                 f"{path!r} is a {type(layer).__name__}"
