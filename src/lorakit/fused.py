@@ -111,7 +111,7 @@ def _resolved(plan: _Plan, n_tokens: int, weight: Tensor, dtype: torch.dtype) ->
     return _Plan(scales, dropout, plan.seed, plan.transposed, merge)
 
 
-def _dropped_product(
+def _dropout_h(
     x: Tensor, A: Tensor, s: float, p: float, seed: int | None
 ) -> tuple[Tensor, Tensor, float]:
     """(h, keep, d) for 2D x: h = s drop(x) A^T (N, r), keep the boolean mask, d = 1 / (1 - p).
@@ -167,7 +167,7 @@ def _fused_forward(
             h, mask, d = F.linear(x, A).mul_(s), None, 1.0
         else:
             seed = None if plan.seed is None else plan.seed + i
-            h, mask, d = _dropped_product(x, A, s, p, seed)
+            h, mask, d = _dropout_h(x, A, s, p, seed)
         y = F.linear(h, B, bias) if y is None else y.addmm_(h, B.t())
         hs.append(h)
         masks.append(mask)
