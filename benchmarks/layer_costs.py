@@ -7,7 +7,7 @@
    a GPU pays on small models. lorakit vs PEFT vs a frozen Linear (input gradient only).
 2. The fold rule: no_grad forward of one layer (rank 8) through the thin products or the
    transient W' = W + s B A, against the plain GEMM, for N tokens; N (in + out) / (in out) is
-   the ratio `functional.merge_pays` compares with 4.
+   the ratio `fused.merge_pays` compares with 4.
 
 One torch thread; ratios are medians of per-round ratios.
 """
@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import table  # noqa: E402
 
 import lorakit  # noqa: E402
-from lorakit.functional import fused_lora_linear  # noqa: E402
+from lorakit.fused import fused_lora_linear  # noqa: E402
 
 
 def _median_ratios(fns: dict[str, Callable[[], object]], rounds: int, calls: int) -> dict:

@@ -145,7 +145,7 @@ def layer_specs(draw: st.DrawFn, kinds: tuple[str, ...] = KINDS) -> LayerSpec:
         pad = draw(st.none() | st.integers(-vocab, vocab - 1))
         batch = draw(_batch(3))
         return LayerSpec(kind, vocab, base["out_dim"], False, batch, base["seed"], pad)
-    # Up to 125 tokens: enough for the fused path to fold into W' (functional.merge_pays).
+    # Up to 125 tokens: enough for the fused path to fold into W' (fused.merge_pays).
     batch = draw(_batch(3))
     return LayerSpec(kind, base["in_dim"], base["out_dim"], base["bias"], batch, base["seed"])
 

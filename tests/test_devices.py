@@ -12,7 +12,8 @@ from conftest import randomise_lora, tiny_llama
 from torch import nn
 
 import lorakit
-from lorakit.functional import dropout_mask, fused_lora_linear
+from lorakit.dropout_masks import dropout_mask
+from lorakit.fused import fused_lora_linear
 
 NO_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

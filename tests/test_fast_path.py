@@ -11,7 +11,7 @@ from transformers.pytorch_utils import Conv1D
 import lorakit
 import lorakit.layers.linear as linear_module
 from lorakit import LoraConfig, LoraLayer, inject
-from lorakit.functional import merge_pays
+from lorakit.fused import merge_pays
 
 RTOL = 1e-5
 
@@ -163,11 +163,12 @@ def test_models_train_the_same_on_both_paths(make):
         return (loss.detach(), *torch.autograd.grad(loss, params))
 
     fused = step()
-    linear_module.LinearLora.forward, saved = LoraLayer.forward, linear_module.LinearLora.forward
+    mixin = linear_module.LinearLoraMixin
+    mixin.forward, saved = LoraLayer.forward, mixin.forward
     try:
         plain = step()
     finally:
-        linear_module.LinearLora.forward = saved
+        mixin.forward = saved
     for got, want in zip(fused, plain):
         _close(got, want, rtol=1e-4)  # whole-model sums: a few roundings more than one layer
 

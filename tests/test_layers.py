@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import importlib
+import pickle
 
 import pytest
 import torch
@@ -301,3 +303,54 @@ def test_subclass_of_supported_type_keeps_its_forward():
     assert isinstance(layer, Scaled) and isinstance(layer, LoraLayer)
     assert torch.equal(layer(x), expected)
     assert type(layer.restore()) is Scaled
+
+
+class _MyLinear(nn.Linear):
+    """Subclasses of the base types: adapted through a mixin, which their pickles name."""
+
+
+class _MyConv2d(nn.Conv2d):
+    pass
+
+
+class _MyEmbedding(nn.Embedding):
+    pass
+
+
+class _MyConv1D(Conv1D):
+    pass
+
+
+@pytest.mark.parametrize(
+    ("module", "old", "new"),
+    [
+        ("lorakit.layers.linear", "LinearLora", "LinearLoraMixin"),
+        ("lorakit.layers.conv", "ConvLora", "ConvLoraMixin"),
+        ("lorakit.layers.embedding", "EmbeddingLora", "EmbeddingLoraMixin"),
+        ("lorakit.layers.gpt2", "Conv1DLora", "GPT2Conv1DLoraMixin"),
+        ("lorakit.layers.gpt2", "LoRAConv1D", "LoRAGPT2Conv1D"),
+    ],
+)
+def test_a_pickle_naming_a_class_by_its_old_name_still_loads(module, old, new):
+    """The renamed mixins and GPT-2 class keep their old names as aliases, so a model pickled
+    before the rename (which names e.g. `LinearLora`) loads, as the renamed class."""
+    renamed = getattr(importlib.import_module(module), new)
+    assert getattr(importlib.import_module(module), old) is renamed
+    torch.manual_seed(0)
+    model = nn.ModuleDict(
+        {"linear": _MyLinear(4, 3), "conv": _MyConv2d(2, 3, 3), "embed": _MyEmbedding(5, 4),
+         "gpt2": _MyConv1D(3, 4), "plain_gpt2": Conv1D(3, 4)}
+    )  # fmt: skip
+    for layer in model.values():
+        adapt(layer)
+    randomise_lora(model)
+    data = pickle.dumps(model, protocol=2)  # GLOBAL opcodes: "module\nname\n"
+    needle = f"{module}\n{new}\n".encode()
+    assert needle in data
+    loaded = pickle.loads(data.replace(needle, f"{module}\n{old}\n".encode()))
+    assert [type(m) for m in loaded.values()] == [type(m) for m in model.values()]
+    assert any(renamed in type(m).__mro__ for m in loaded.values())
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value)
+    x = torch.randn(2, 4)  # Conv1D(nf=3, nx=4): 4 in, 3 out
+    assert torch.equal(loaded["plain_gpt2"](x), model["plain_gpt2"](x))

@@ -38,7 +38,7 @@ from torch import nn
 
 import lorakit
 import lorakit.layers.linear as linear_module
-from lorakit import LoraLayer, functional
+from lorakit import LoraLayer, dropout_masks, fused
 
 DTYPES = st.sampled_from([torch.float32, torch.float64, torch.bfloat16])
 SEEDS = st.integers(0, 2**16)
@@ -194,7 +194,7 @@ def test_routing_equals_each_row_alone(spec, dtype, adapters, seed, data):
         _close(routed[i : i + 1], alone, rtol)
 
 
-MERGE_CHOICES = st.sampled_from([None, True, False])  # functional.merge_pays, folded, thin
+MERGE_CHOICES = st.sampled_from([None, True, False])  # fused.merge_pays, folded, thin
 
 
 @given(
@@ -268,8 +268,8 @@ def test_fused_op_with_seeded_dropout_matches_its_reference(case, dtype):
     bias = leaf(n_out) if case["bias"] else None
     As = [leaf(r, n_in) for r in case["ranks"]]
     Bs = [leaf(n_out, r) for r in case["ranks"]]
-    with mock.patch.object(functional, "_BLOCK", case["block"]):
-        got = functional.fused_lora_linear(
+    with mock.patch.object(dropout_masks, "_BLOCK", case["block"]):
+        got = fused.fused_lora_linear(
             x, weight, bias, tuple(As), tuple(Bs), tuple(case["scales"]),
             dropout=tuple(case["dropout"]), seed=case["seed"],
             transposed=case["transposed"], merge=case["merge"],
@@ -277,7 +277,7 @@ def test_fused_op_with_seeded_dropout_matches_its_reference(case, dtype):
     w = weight.t() if case["transposed"] else weight
     want = x @ w.t() + (0 if bias is None else bias)
     for i, (A, B, s, p) in enumerate(zip(As, Bs, case["scales"], case["dropout"])):
-        mask = functional.dropout_mask(x.shape, p, case["seed"] + i, x.device, dtype)
+        mask = dropout_masks.dropout_mask(x.shape, p, case["seed"] + i, x.device, dtype)
         want = want + ((x * mask) @ A.t()) @ B.t() * s
     rtol = RTOL[dtype] * 10
     _close(got, want, rtol)

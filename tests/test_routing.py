@@ -11,6 +11,7 @@ from torch import nn
 
 import lorakit
 from lorakit.errors import AdapterError, UnsupportedLayerError
+from lorakit.layers.routing_hook import RoutingHook
 
 ATOL = 1e-5
 # (id, model builder, targets per adapter: different ranks, different layers)
@@ -178,6 +179,33 @@ def test_bad_routing_inputs() -> None:
         with lorakit.routing(model, ["a"] * 3):
             pass
     assert all(layer.lora_routing is None for _, layer in lorakit.lora_layers(model))
+
+
+class _PlusOne:
+    """A `RoutingHook` that adds 1 to the base output and records the layers that call it."""
+
+    def __init__(self) -> None:
+        self.layers: list[nn.Module] = []
+
+    def add_delta(self, layer: lorakit.LoraLayer, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        self.layers.append(layer)
+        return y + 1
+
+
+@pytest.mark.parametrize("base", [nn.Linear(5, 3), nn.Embedding(7, 3)], ids=["linear", "embedding"])
+def test_a_routing_hook_replaces_the_active_adapters(base: nn.Module) -> None:
+    """With `lora_routing` set, forward is the hook's add_delta(layer, x, base(x)), on the fused
+    Linear path's layers too."""
+    model = nn.Sequential(base)
+    lorakit.inject(model, lorakit.LoraConfig(targets=("0",)))
+    randomise_lora(model, std=0.2)  # a non-zero delta, which the hook must replace
+    layer = model[0]
+    x = torch.randn(2, 5) if isinstance(base, nn.Linear) else torch.tensor([[1, 6]])
+    hook: RoutingHook = _PlusOne()
+    layer.lora_routing = hook
+    with lorakit.disabled(model):
+        want = layer(x) + 1
+    assert torch.equal(layer(x), want) and hook.layers == [layer]
 
 
 def test_conv_layers_are_refused_clearly() -> None:

@@ -25,7 +25,7 @@ from .adapters import adapter_names
 from .errors import AdapterError, UnsupportedLayerError
 from .inject import lora_layers
 from .layers.base import LoraLayer
-from .layers.conv import ConvLora
+from .layers.conv import ConvLoraMixin
 
 __all__ = ["RowRouting", "clear_cache", "routing"]
 
@@ -113,7 +113,8 @@ def clear_cache(model: nn.Module | None = None) -> None:
 
 
 class RowRouting:
-    """Which adapter each row uses, and the per-layer stacks built from it.
+    """Which adapter each row uses, and the per-layer stacks built from it: the
+    `RoutingHook` (`lorakit.layers.routing_hook`) each routed layer's `lora_routing` holds.
 
     Attributes:
         names: the adapters that some row uses, in first-use order.
@@ -245,7 +246,7 @@ def routing(
             )
         if layer.lora_routing is not None:
             raise AdapterError(f"layer {path!r} is already routed; routing contexts do not nest")
-        if isinstance(layer, ConvLora) and any(n in layer.lora for n in names):
+        if isinstance(layer, ConvLoraMixin) and any(n in layer.lora for n in names):
             raise UnsupportedLayerError(
                 f"mixed-adapter batches support Linear, GPT-2 Conv1D and Embedding layers; "
                 f"{path!r} is a {type(layer).__name__}"

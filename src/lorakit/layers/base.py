@@ -19,6 +19,7 @@ from ..config import LoraConfig
 from ..errors import AdapterError, ConfigError, MergeError
 from ..functional import merged_weight
 from .lora import LoRA
+from .routing_hook import RoutingHook
 
 # The plain attributes `adapt` adds (besides the `lora` ModuleDict) and `restore` removes.
 _STATE = ("lora_active", "lora_merged", "lora_disabled", "lora_routing", "lora_original")
@@ -32,7 +33,8 @@ class LoraLayer(nn.Module):
         lora_active: names whose deltas are added, in order.
         lora_merged: names currently folded into `weight`.
         lora_disabled: when True the layer computes its base output only.
-        lora_routing: None, or per-row adapter routing set by `lorakit.routing` (mixed batches).
+        lora_routing: None, or the `RoutingHook` that `lorakit.routing` sets for a mixed-adapter
+            batch; `forward` then adds its per-row deltas instead of the active adapters'.
         lora_original: None, or a copy of `weight` from before the first merge (see `merge`);
             a plain attribute, so never in the state dict.
     """
@@ -42,7 +44,7 @@ class LoraLayer(nn.Module):
     lora_active: tuple[str, ...]
     lora_merged: tuple[str, ...]
     lora_disabled: bool
-    lora_routing: object | None
+    lora_routing: RoutingHook | None
     lora_original: Tensor | None
 
     # -- per-type hooks -------------------------------------------------------------------

@@ -15,8 +15,8 @@ from .lora import LoRA
 _POINTWISE = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 
-class ConvLora(LoraLayer):
-    """Per-type math for a convolution with groups == 1."""
+class ConvLoraMixin(LoraLayer):
+    """Mixin: the per-type math of a convolution with groups == 1."""
 
     def lora_dims(self) -> tuple[int, int, tuple[int, ...]]:
         return self.in_channels, self.out_channels, tuple(self.kernel_size)
@@ -27,13 +27,19 @@ class ConvLora(LoraLayer):
         return _POINTWISE[len(self.kernel_size)](h, adapter.lora_B) * adapter.scaling
 
 
-class LoRAConv1d(ConvLora, nn.Conv1d):
+class LoRAConv1d(ConvLoraMixin, nn.Conv1d):
+    """torch's `nn.Conv1d` with LoRA adapters (GPT-2's `Conv1D` is `LoRAGPT2Conv1D`)."""
+
     base_class = nn.Conv1d
 
 
-class LoRAConv2d(ConvLora, nn.Conv2d):
+class LoRAConv2d(ConvLoraMixin, nn.Conv2d):
     base_class = nn.Conv2d
 
 
-class LoRAConv3d(ConvLora, nn.Conv3d):
+class LoRAConv3d(ConvLoraMixin, nn.Conv3d):
     base_class = nn.Conv3d
+
+
+# Deprecated alias: the mixin's old name, kept so pickles and code that name it still load.
+ConvLora = ConvLoraMixin

@@ -9,8 +9,8 @@ from .base import LoraLayer
 from .lora import LoRA
 
 
-class EmbeddingLora(LoraLayer):
-    """Per-type math for an embedding table (vocab, dim)."""
+class EmbeddingLoraMixin(LoraLayer):
+    """Mixin: the per-type math of an embedding table (vocab, dim)."""
 
     is_embedding = True
 
@@ -28,7 +28,11 @@ class EmbeddingLora(LoraLayer):
         return delta.t()  # (dim, vocab) -> (vocab, dim)
 
 
-class LoRAEmbedding(EmbeddingLora, nn.Embedding):
+class LoRAEmbedding(EmbeddingLoraMixin, nn.Embedding):
     """An `nn.Embedding` with LoRA adapters; `weight` keeps its name."""
 
     base_class = nn.Embedding
+
+
+# Deprecated alias: the mixin's old name, kept so pickles and code that name it still load.
+EmbeddingLora = EmbeddingLoraMixin

@@ -5,11 +5,11 @@ from __future__ import annotations
 from torch import Tensor
 from transformers.pytorch_utils import Conv1D
 
-from .linear import LinearLora
+from .linear import LinearLoraMixin
 
 
-class Conv1DLora(LinearLora):
-    """Per-type math for a transposed weight (in, out): PEFT's fan_in_fan_out.
+class GPT2Conv1DLoraMixin(LinearLoraMixin):
+    """Mixin: the per-type math of a transposed weight (in, out), PEFT's fan_in_fan_out.
 
     The fused fast path is the Linear one with W read transposed (a view, no copy).
     """
@@ -25,7 +25,12 @@ class Conv1DLora(LinearLora):
         return delta.t()
 
 
-class LoRAConv1D(Conv1DLora, Conv1D):
+class LoRAGPT2Conv1D(GPT2Conv1DLoraMixin, Conv1D):
     """GPT-2's `Conv1D` with LoRA adapters; A is (r, in) and B (out, r) as for a Linear."""
 
     base_class = Conv1D
+
+
+# Deprecated aliases: the old names, kept so pickles and code that name them still load.
+Conv1DLora = GPT2Conv1DLoraMixin
+LoRAConv1D = LoRAGPT2Conv1D

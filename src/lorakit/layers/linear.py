@@ -7,15 +7,15 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from ..functional import autocast_dtype, fused_lora_linear
+from ..fused import autocast_dtype, fused_lora_linear
 from .base import LoraLayer
 from .lora import LoRA
 
 
-class LinearLora(LoraLayer):
-    """Per-type math for any layer with a Linear-shaped weight (out, in).
+class LinearLoraMixin(LoraLayer):
+    """Mixin: the per-type math of any layer with a Linear-shaped weight (out, in).
 
-    `forward` takes the fused fast path (`functional.fused_lora_linear`: one autograd node,
+    `forward` takes the fused fast path (`fused.fused_lora_linear`: one autograd node,
     the low-rank product added into the base output in place, no gradient for W, dropout
     masks kept as booleans rather than a dropped copy of x) whenever it computes what the plain path
     `LoraLayer.forward` would (equal to rounding in float32), and falls back to the plain path
@@ -78,7 +78,11 @@ def _dropout_p(adapter: LoRA) -> float:
     return adapter.dropout_p if adapter.dropout.training else 0.0
 
 
-class LoRALinear(LinearLora, nn.Linear):
+class LoRALinear(LinearLoraMixin, nn.Linear):
     """An `nn.Linear` with LoRA adapters; `weight` and `bias` keep their names."""
 
     base_class = nn.Linear
+
+
+# Deprecated alias: the mixin's old name, kept so pickles and code that name it still load.
+LinearLora = LinearLoraMixin

@@ -8,9 +8,9 @@ from torch import nn
 
 from ..errors import UnsupportedLayerError
 from .base import LoraLayer
-from .conv import ConvLora, LoRAConv1d, LoRAConv2d, LoRAConv3d
-from .embedding import EmbeddingLora, LoRAEmbedding
-from .linear import LinearLora, LoRALinear
+from .conv import ConvLoraMixin, LoRAConv1d, LoRAConv2d, LoRAConv3d
+from .embedding import EmbeddingLoraMixin, LoRAEmbedding
+from .linear import LinearLoraMixin, LoRALinear
 
 # Exact base class -> the named (importable, picklable) LoRA class.
 LORA_CLASSES: dict[type[nn.Module], type[LoraLayer]] = {
@@ -22,23 +22,23 @@ LORA_CLASSES: dict[type[nn.Module], type[LoraLayer]] = {
 }
 # Base family -> mixin, for subclasses of a supported type.
 _MIXINS: list[tuple[type[nn.Module] | tuple[type[nn.Module], ...], type[LoraLayer]]] = [
-    (nn.Linear, LinearLora),
-    (nn.Embedding, EmbeddingLora),
-    ((nn.Conv1d, nn.Conv2d, nn.Conv3d), ConvLora),  # not _ConvNd: transposed convs differ
+    (nn.Linear, LinearLoraMixin),
+    (nn.Embedding, EmbeddingLoraMixin),
+    ((nn.Conv1d, nn.Conv2d, nn.Conv3d), ConvLoraMixin),  # not _ConvNd: transposed convs differ
 ]
 
 try:  # GPT-2's Conv1D, when transformers is installed
     from transformers.pytorch_utils import Conv1D
 
-    from .gpt2 import Conv1DLora, LoRAConv1D
+    from .gpt2 import GPT2Conv1DLoraMixin, LoRAGPT2Conv1D
 
-    LORA_CLASSES[Conv1D] = LoRAConv1D
-    _MIXINS.insert(0, (Conv1D, Conv1DLora))
+    LORA_CLASSES[Conv1D] = LoRAGPT2Conv1D
+    _MIXINS.insert(0, (Conv1D, GPT2Conv1DLoraMixin))
 except ImportError:  # pragma: no cover - transformers is an extra
     pass
 
 LINEAR_TYPES: tuple[type[nn.Module], ...] = tuple(
-    t for t, m in _MIXINS if issubclass(m, LinearLora)
+    t for t, m in _MIXINS if issubclass(m, LinearLoraMixin)
 )
 
 
@@ -60,13 +60,13 @@ def lora_class(module: nn.Module) -> type[LoraLayer]:
         raise UnsupportedLayerError(
             f"cannot adapt a layer of type {cls.__name__}: LoRA supports {supported}"
         )
-    if issubclass(found, EmbeddingLora) and getattr(module, "max_norm", None) is not None:
+    if issubclass(found, EmbeddingLoraMixin) and getattr(module, "max_norm", None) is not None:
         raise UnsupportedLayerError(
             f"cannot adapt {cls.__name__} with max_norm={module.max_norm}: the base renormalises "
             "its rows, so the adapted and merged outputs would differ"
         )
     groups = getattr(module, "groups", 1)
-    if issubclass(found, ConvLora) and groups != 1:
+    if issubclass(found, ConvLoraMixin) and groups != 1:
         raise UnsupportedLayerError(
             f"cannot adapt {cls.__name__} with groups={groups}: LoRA supports groups=1 convs"
         )
