@@ -9,7 +9,8 @@ from torch import nn
 
 import lorakit
 from lorakit import AdapterError, LoraConfig, LoraLayer
-from lorakit.inject import adapter_configs, lora_layers
+from lorakit.inject import adapter_configs
+from lorakit.tree import lora_layers
 
 
 def two_adapters() -> nn.Module:

@@ -31,7 +31,9 @@ from lorakit import (
     TargetNotFoundError,
     UnsupportedLayerError,
 )
-from lorakit.inject import adapter_configs, base_modules, lora_layers, without_missing_saved
+from lorakit.inject import adapter_configs
+from lorakit.targets import without_missing_saved
+from lorakit.tree import base_modules, lora_layers
 
 BERT = next(c for c in MODEL_CASES if c.id == "bert")
 

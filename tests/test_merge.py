@@ -9,7 +9,7 @@ from torch import nn
 
 import lorakit
 from lorakit import LoRA, LoraConfig, LoraLayer, MergeError
-from lorakit.inject import lora_layers
+from lorakit.tree import lora_layers
 
 
 def injected(case: ModelCase, **options) -> nn.Module:

@@ -7,7 +7,8 @@ from collections.abc import Iterable
 from torch import nn
 
 from .errors import AdapterError
-from .inject import CONFIGS_ATTR, adapter_configs, freeze_base, lora_layers
+from .inject import CONFIGS_ATTR, adapter_configs, freeze_base
+from .tree import lora_layers
 
 
 def adapter_names(model: nn.Module) -> tuple[str, ...]:

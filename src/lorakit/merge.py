@@ -22,7 +22,8 @@ import torch
 from torch import nn
 
 from .errors import AdapterError, MergeError
-from .inject import CONFIGS_ATTR, lora_layers
+from .inject import CONFIGS_ATTR
+from .tree import lora_layers
 
 
 def merge(model: nn.Module, keep_original: bool = True) -> nn.Module:

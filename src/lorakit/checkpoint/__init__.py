@@ -17,14 +17,9 @@ from torch import Tensor, nn
 
 from ..config import LoraConfig
 from ..errors import AdapterError, CheckpointError, TargetNotFoundError
-from ..inject import (
-    adapter_configs,
-    check_adapter_name,
-    find_targets,
-    inject,
-    lora_layers,
-    without_missing_saved,
-)
+from ..inject import adapter_configs, check_adapter_name, inject
+from ..targets import find_targets, without_missing_saved
+from ..tree import lora_layers
 from .files import DEFAULT, adapter_folder, canonical, open_adapter
 from .io import CONFIG_NAME, WEIGHTS_NAME, atomic_write, folder_lock, safetensors_bytes
 from .peft_format import from_peft, to_peft, with_prefix

@@ -16,8 +16,9 @@ import torch
 from torch import Tensor, nn
 
 from ..config import ALL_LINEAR, LoraConfig
-from ..inject import base_modules, matches_suffix
 from ..layers import LoraLayer, lora_class
+from ..targets import matches_suffix
+from ..tree import base_modules
 from .peft_format import lora_keys, param_key
 
 Kind = Literal["lora_A", "lora_B", "tensor"]
