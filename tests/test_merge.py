@@ -29,7 +29,7 @@ def states(model: nn.Module) -> list[tuple]:
 
 
 def assert_no_lora_left(model: nn.Module) -> None:
-    assert "lorakit_configs" not in vars(model)
+    assert lorakit.adapter_names(model) == ()
     for name, module in model.named_modules():
         assert not isinstance(module, (LoraLayer, LoRA)), name
         assert "lora" not in module._modules, name

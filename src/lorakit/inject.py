@@ -6,26 +6,13 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from .adapter_registry import adapter_configs, check_adapter_name, next_order, register
 from .config import LoraConfig
 from .errors import AdapterError, LorakitError
 from .layers import LoraLayer, lora_class
 from .overview import InjectionReport, trainable_parameters
 from .targets import find_targets, saved_paths
 from .tree import base_modules, lora_layers
-
-CONFIGS_ATTR = "lorakit_configs"  # {adapter name: LoraConfig}, kept on the root model
-
-
-def adapter_configs(model: nn.Module) -> dict[str, LoraConfig]:
-    """{adapter name: LoraConfig} of the adapters injected into `model`."""
-    return model.__dict__.get(CONFIGS_ATTR, {})
-
-
-def check_adapter_name(name: object) -> str:
-    """Adapter names are plain identifiers: no paths, dots or empty strings."""
-    if not isinstance(name, str) or not name.isidentifier():
-        raise AdapterError(f"adapter_name must be a plain identifier, got {name!r}")
-    return name
 
 
 def inject(
@@ -52,28 +39,29 @@ def inject(
     if adapter_name in adapter_configs(model):
         raise AdapterError(f"adapter {adapter_name!r} is already on the model; pick another name")
     targets = find_targets(model, config)
+    order = next_order(model)
     undo = _Undo.take(model, targets)
     try:
-        _add_adapters(model, targets, config, adapter_name)
-        model.__dict__.setdefault(CONFIGS_ATTR, {})[adapter_name] = config
+        _add_adapters(targets, config, adapter_name, order)
         for _, layer in lora_layers(model):
             layer.lora_active = (adapter_name,) if adapter_name in layer.lora else ()
         saved = freeze_base(model)
     except BaseException:
-        undo.apply(model, adapter_name)
+        undo.apply(adapter_name)
         raise
     trainable, total = trainable_parameters(model)
     return InjectionReport(adapter_name, tuple(n for n, _ in targets), saved, trainable, total)
 
 
 def _add_adapters(
-    model: nn.Module, targets: list[tuple[str, nn.Module]], config: LoraConfig, adapter_name: str
+    targets: list[tuple[str, nn.Module]], config: LoraConfig, adapter_name: str, order: int
 ) -> None:
-    """Adapt each target and add the adapter; an error names the adapter and the module."""
+    """Adapt each target and add the adapter, marked with `config` and `order` (see
+    `adapter_registry`); an error names the adapter and the module."""
     for name, module in targets:
         try:
             layer = module if isinstance(module, LoraLayer) else lora_class(module).adapt(module)
-            layer.add_adapter(adapter_name, config.for_module(name))
+            register(layer.add_adapter(adapter_name, config.for_module(name)), order, config)
         except LorakitError as err:  # names the adapter and the value already
             raise type(err)(f"module {name!r}: {err}; the model is left as it was") from err
         except Exception as err:
@@ -91,7 +79,6 @@ class _Undo:
     targets: list[nn.Module]
     active: list[tuple[LoraLayer, tuple[str, ...]]]
     requires_grad: list[tuple[nn.Parameter, bool]]
-    had_configs: bool
 
     @classmethod
     def take(cls, model: nn.Module, targets: list[tuple[str, nn.Module]]) -> _Undo:
@@ -101,10 +88,9 @@ class _Undo:
             targets=modules,
             active=[(layer, layer.lora_active) for _, layer in lora_layers(model)],
             requires_grad=[(p, p.requires_grad) for p in model.parameters()],
-            had_configs=CONFIGS_ATTR in model.__dict__,
         )
 
-    def apply(self, model: nn.Module, adapter_name: str) -> None:
+    def apply(self, adapter_name: str) -> None:
         """Remove `adapter_name` wherever it went, restore classes, active sets and flags."""
         for module in self.targets:
             if isinstance(module, LoraLayer) and adapter_name in module.lora:
@@ -116,9 +102,6 @@ class _Undo:
             layer.lora_active = active
         for p, flag in self.requires_grad:
             p.requires_grad_(flag)
-        adapter_configs(model).pop(adapter_name, None)
-        if not self.had_configs:
-            model.__dict__.pop(CONFIGS_ATTR, None)
 
 
 def freeze_base(model: nn.Module) -> tuple[str, ...]:

@@ -15,9 +15,10 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from ..adapter_registry import adapter_configs, check_adapter_name
 from ..config import LoraConfig
 from ..errors import AdapterError, CheckpointError, TargetNotFoundError
-from ..inject import adapter_configs, check_adapter_name, inject
+from ..inject import inject
 from ..targets import find_targets, without_missing_saved
 from ..tree import lora_layers
 from .files import DEFAULT, adapter_folder, canonical, open_adapter
