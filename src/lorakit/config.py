@@ -12,6 +12,7 @@ from typing import Literal, NoReturn
 import torch
 
 from .errors import ConfigError
+from .names import name_matches
 
 Bias = Literal["none", "all", "lora_only"]
 Init = Literal["kaiming", "gaussian", "zeros"]
@@ -80,7 +81,7 @@ def pattern_key(patterns: Mapping[str, object], module_name: str) -> str | None:
     A key matches when `module_name` is the key, or ends with "." + key; keys are regexes.
     """
     for key in patterns:
-        if re.fullmatch(suffix_regex(key), module_name):
+        if name_matches(module_name, suffix_regex(key)):
             return key
     return None
 

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from .table import table_lines
 from .tree import lora_layers
 
 
@@ -51,6 +52,4 @@ def summary(model: nn.Module) -> str:
         for adapter_name, a in layer.lora.items():
             merged = "yes" if adapter_name in layer.lora_merged else "no"
             rows.append((name, adapter_name, str(a.rank), f"{a.alpha:g}", f"{a.scaling:g}", merged))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
-    return "\n".join([*lines, format_counts(*trainable_parameters(model))])
+    return "\n".join([*table_lines(rows), format_counts(*trainable_parameters(model))])

@@ -3,27 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
-import re
 
 from torch import nn
 
 from .config import ALL_LINEAR, LoraConfig
 from .errors import TargetNotFoundError, UnsupportedLayerError
 from .layers import LINEAR_TYPES, lora_class
+from .names import name_matches
 from .tree import base_modules, output_head_names, parent_module
 
 _HINT_NAMES = 24  # how many adaptable layer names an error message lists
-
-
-def matches_suffix(name: str, patterns: tuple[str, ...]) -> bool:
-    """True when `name` is one of `patterns` or ends with "." + one of them."""
-    return any(name == p or name.endswith("." + p) for p in patterns)
-
-
-def _matches(patterns: str | tuple[str, ...], name: str) -> bool:
-    if isinstance(patterns, str):
-        return bool(patterns) and re.fullmatch(patterns, name) is not None
-    return matches_suffix(name, patterns)
 
 
 def find_targets(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.Module]]:
@@ -38,7 +27,7 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.Mod
     heads = output_head_names(model)
     found = []
     for name, module in base_modules(model):
-        if not name or _matches(config.exclude, name):
+        if not name or name_matches(name, config.exclude):
             continue
         if any(name == s or name.startswith(s + ".") for s in saved):
             continue
@@ -47,7 +36,7 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.Mod
                 continue
             if isinstance(parent_module(model, name), nn.MultiheadAttention):
                 continue  # MHA reads out_proj.weight directly, never calls its forward
-        elif not _matches(config.targets, name):
+        elif not name_matches(name, config.targets):
             continue
         if isinstance(parent_module(model, name), nn.MultiheadAttention):
             raise UnsupportedLayerError(
@@ -73,14 +62,14 @@ def saved_paths(model: nn.Module, names: tuple[str, ...], strict: bool = False) 
     """
     paths = [n for n, _ in base_modules(model) if n]
     if strict:
-        missing = [s for s in names if not any(matches_suffix(p, (s,)) for p in paths)]
+        missing = [s for s in names if not any(name_matches(p, (s,)) for p in paths)]
         if missing:
             raise TargetNotFoundError(
                 f"modules_to_save={list(names)!r}: {missing} matched no module of "
                 f"{type(model).__name__}, whose top-level modules are "
                 f"{[n for n, _ in model.named_children()]}"
             )
-    return [p for p in paths if matches_suffix(p, names)]
+    return [p for p in paths if name_matches(p, names)]
 
 
 def without_missing_saved(model: nn.Module, config: LoraConfig) -> LoraConfig:

@@ -7,7 +7,6 @@ file, with which shape), so the two cannot disagree.
 from __future__ import annotations
 
 import functools
-import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Literal
@@ -17,7 +16,7 @@ from torch import Tensor, nn
 
 from ..config import ALL_LINEAR, LoraConfig
 from ..layers import LoraLayer, lora_class
-from ..targets import matches_suffix
+from ..names import name_matches
 from ..tree import base_modules
 from .peft_format import lora_keys, param_key
 
@@ -88,7 +87,7 @@ def plan(
                 key = param_key(path, "weight", adapted=False)
                 slots[key] = Slot("tensor", path, "weight", tuple(weight.shape), optional=True)
     for path, _ in base_modules(model):
-        if path and matches_suffix(path, config.modules_to_save):
+        if path and name_matches(path, config.modules_to_save):
             for owner, name, t in _own_tensors(model.get_submodule(path), path):
                 key = param_key(owner, name, adapted=False)
                 slots[key] = Slot("tensor", owner, name, tuple(t.shape))
@@ -101,11 +100,7 @@ def peft_targets(model: nn.Module, config: LoraConfig, adapted: list[str]) -> st
     for "all-linear")."""
     targets = config.targets
     if targets != ALL_LINEAR and not config.exclude:
-        names = [n for n, _ in base_modules(model) if n]
-        if isinstance(targets, str):
-            matched = {n for n in names if re.fullmatch(targets, n)}
-        else:
-            matched = {n for n in names if matches_suffix(n, targets)}
+        matched = {n for n, _ in base_modules(model) if n and name_matches(n, targets)}
         if matched == set(adapted):
             return targets if isinstance(targets, str) else list(targets)
     return sorted(adapted)
