@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from conftest import randomise_lora, tiny_llama, tiny_mlp
@@ -9,7 +11,8 @@ from torch import nn
 
 import lorakit
 from lorakit import AdapterError, LoraConfig, LoraLayer
-from lorakit.inject import adapter_configs, lora_layers
+from lorakit.adapter_registry import adapter_configs
+from lorakit.tree import lora_layers
 
 
 def two_adapters() -> nn.Module:
@@ -165,3 +168,45 @@ def test_a_deleted_name_can_be_injected_again():
     lorakit.inject(model, LoraConfig(targets=["fc1"]), "b")
     assert lorakit.adapter_names(model) == ("a", "b")
     assert tuple(model.fc1.lora) == ("b",)
+
+
+# -- the registry is read from the layers: wrappers, copies, order -------------------------
+def test_a_model_wrapped_after_inject_lists_activates_saves_and_deletes_its_adapters(tmp_path):
+    model = two_adapters()
+    wrapper = nn.Sequential(model)
+    x = torch.randn(5, 8)
+    assert lorakit.adapter_names(wrapper) == ("a", "b")
+    assert adapter_configs(wrapper) == adapter_configs(model)
+    lorakit.set_active(wrapper, "a")
+    assert lorakit.active_adapters(wrapper) == ("a",) == lorakit.active_adapters(model)
+    trainable = {n for n, p in wrapper.named_parameters() if p.requires_grad}
+    assert trainable == {f"0.{m}.lora.a.lora_{f}" for m in ("fc2", "head") for f in "AB"}
+    with lorakit.disabled(wrapper):
+        assert torch.equal(wrapper(x), tiny_mlp()(x))
+    lorakit.save_adapter(wrapper, tmp_path, "a")
+    fresh = nn.Sequential(tiny_mlp())
+    lorakit.load_adapter(fresh, tmp_path, "a")
+    assert torch.equal(fresh(x), wrapper(x))
+    lorakit.delete_adapter(wrapper, "a")
+    assert lorakit.adapter_names(model) == ("b",) and tuple(model.head.lora) == ("b",)
+    assert type(model.fc2) is nn.Linear
+
+
+def test_inject_into_a_wrapper_sees_the_adapters_injected_before_wrapping():
+    model = two_adapters()
+    wrapper = nn.Sequential(model)
+    with pytest.raises(AdapterError, match="adapter 'a' is already on the model"):
+        lorakit.inject(wrapper, LoraConfig(targets=["fc1"]), "a")
+    lorakit.inject(wrapper, LoraConfig(targets=["fc1"]), "c")
+    assert lorakit.adapter_names(model) == ("a", "b", "c")
+
+
+def test_adapter_names_follow_injection_order_not_layer_order():
+    model = tiny_mlp()
+    lorakit.inject(model, LoraConfig(targets=["head"]), "late_layer")
+    lorakit.inject(model, LoraConfig(targets=["fc1"]), "early_layer")
+    assert lorakit.adapter_names(model) == ("late_layer", "early_layer")
+    assert lorakit.adapter_names(copy.deepcopy(model)) == ("late_layer", "early_layer")
+    lorakit.delete_adapter(model, "late_layer")
+    lorakit.inject(model, LoraConfig(targets=["head"]), "late_layer")
+    assert lorakit.adapter_names(model) == ("early_layer", "late_layer")

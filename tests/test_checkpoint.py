@@ -22,9 +22,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import lorakit
+from lorakit.adapter_registry import adapter_configs
 from lorakit.checkpoint import LoadOptions, fingerprint, load_adapter, read_adapter
 from lorakit.errors import AdapterError, CheckpointError
-from lorakit.inject import adapter_configs
 
 PEFT_CONFIG_KEYS = {
     "peft_type", "r", "lora_alpha", "target_modules", "lora_dropout", "bias", "use_rslora",

@@ -19,11 +19,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import lorakit
+from lorakit.adapter_registry import adapter_configs
 from lorakit.checkpoint.safetensors_file import SafetensorsFile
 from lorakit.cli import main
 from lorakit.cli.inspect import describe
 from lorakit.errors import CheckpointError
-from lorakit.inject import adapter_configs
 
 WEIGHTS = "adapter_model.safetensors"
 CONFIG = "adapter_config.json"

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import json
 import math
+import pickle
 
 import pytest
 import torch
@@ -207,3 +210,38 @@ def test_configs_are_hashable_and_hash_by_value():
     assert a == same and hash(a) == hash(same)
     assert len({a, same, other, LoraConfig()}) == 3
     assert {a: "adapter"}[same] == "adapter"
+
+
+def test_patterns_are_read_only_and_the_hash_stays():
+    config = LoraConfig(rank_pattern={"q": 8}, alpha_pattern={"v": 2})
+    before = hash(config)
+    edits = [
+        lambda p: p.__setitem__("k", 2),
+        lambda p: p.__delitem__("q"),
+        lambda p: p.update(k=2),
+        lambda p: p.setdefault("k", 2),
+        lambda p: p.pop("q"),
+        lambda p: p.popitem(),
+        lambda p: p.clear(),
+        lambda p: p.__ior__({"k": 2}),
+    ]
+    for edit in edits:
+        for pattern in (config.rank_pattern, config.alpha_pattern):
+            with pytest.raises(TypeError, match=r"pattern is read-only; use dataclasses\.replace"):
+                edit(pattern)
+    assert config.rank_pattern == {"q": 8} and config.alpha_pattern == {"v": 2.0}
+    assert hash(config) == before == hash(LoraConfig(rank_pattern={"q": 8}, alpha_pattern={"v": 2}))
+    assert dataclasses.replace(config, rank_pattern={"q": 4}).rank_pattern == {"q": 4}
+
+
+def test_frozen_patterns_copy_pickle_and_serialise_as_plain_dicts():
+    config = LoraConfig(rank_pattern={"q": 8, "v": 2}, alpha_pattern={"v": 2})
+    for other in (copy.deepcopy(config), copy.copy(config), pickle.loads(pickle.dumps(config))):
+        assert other == config and hash(other) == hash(config)
+        with pytest.raises(TypeError, match="read-only"):
+            other.rank_pattern["q"] = 1
+    fields = dataclasses.asdict(config)
+    assert json.dumps([fields["rank_pattern"], fields["alpha_pattern"]]) == (
+        '[{"q": 8, "v": 2}, {"v": 2.0}]'
+    )
+    assert repr(config.rank_pattern) == "{'q': 8, 'v': 2}"

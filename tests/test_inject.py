@@ -31,7 +31,9 @@ from lorakit import (
     TargetNotFoundError,
     UnsupportedLayerError,
 )
-from lorakit.inject import adapter_configs, base_modules, lora_layers, without_missing_saved
+from lorakit.adapter_registry import adapter_configs
+from lorakit.targets import without_missing_saved
+from lorakit.tree import base_modules, lora_layers
 
 BERT = next(c for c in MODEL_CASES if c.id == "bert")
 
@@ -360,7 +362,7 @@ def test_targets_matching_nothing_lists_adaptable_layer_names(make, kind, names)
     with pytest.raises(TargetNotFoundError, match=r"targets='x\.\*y' matched no module.*q"):
         lorakit.inject(model, LoraConfig(targets="x.*y"))
     assert not adapted_paths(model) and not adapter_configs(model)
-    assert "lorakit_configs" not in vars(model)
+    assert not [k for k in vars(model) if k.startswith("lora")]
     assert_same_state(model, state)
 
 
@@ -390,7 +392,7 @@ def test_modules_to_save_matching_nothing_raises_before_anything_changes():
     )
     with pytest.raises(TargetNotFoundError, match=message):
         lorakit.inject(model, config)
-    assert not adapted_paths(model) and "lorakit_configs" not in vars(model)
+    assert not adapted_paths(model) and not adapter_configs(model)
     assert all(p.requires_grad for p in model.parameters())
     assert_same_state(model, state)
 
@@ -478,9 +480,9 @@ def test_failed_inject_changes_nothing_and_the_name_stays_free(
     after = _everything(model)
     assert_same_state(model, before[0])
     assert after[1:] == before[1:]
-    assert ("lorakit_configs" in vars(model)) == earlier
+    assert tuple(adapter_configs(model)) == (("first",) if earlier else ())
     for name, module in model.named_modules():
-        if name and not isinstance(module, LoraLayer):  # the root keeps lorakit_configs
+        if not isinstance(module, (LoraLayer, LoRA)):  # nothing is kept on the root either
             assert not [k for k in vars(module) if k.startswith("lora")], name
     report = lorakit.inject(model, LoraConfig(targets=["fc1", "fc2"]))
     assert report.adapted == ("fc1", "fc2") and "default" in adapter_configs(model)

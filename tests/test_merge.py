@@ -9,7 +9,7 @@ from torch import nn
 
 import lorakit
 from lorakit import LoRA, LoraConfig, LoraLayer, MergeError
-from lorakit.inject import lora_layers
+from lorakit.tree import lora_layers
 
 
 def injected(case: ModelCase, **options) -> nn.Module:
@@ -29,7 +29,7 @@ def states(model: nn.Module) -> list[tuple]:
 
 
 def assert_no_lora_left(model: nn.Module) -> None:
-    assert "lorakit_configs" not in vars(model)
+    assert lorakit.adapter_names(model) == ()
     for name, module in model.named_modules():
         assert not isinstance(module, (LoraLayer, LoRA)), name
         assert "lora" not in module._modules, name

@@ -14,18 +14,18 @@ from .errors import (
     UnsupportedLayerError,
 )
 from .functional import delta_weight
-from .inject import (
+from .inject import inject
+from .layers import LoRA, LoRAConv1d, LoRAConv2d, LoRAConv3d, LoRAEmbedding, LoraLayer, LoRALinear
+from .merge import disabled, merge, merge_and_unload, unload, unmerge
+from .overview import (
     InjectionReport,
-    inject,
-    lora_layers,
     print_trainable_parameters,
     summary,
     trainable_parameters,
 )
-from .layers import LoRA, LoRAConv1d, LoRAConv2d, LoRAConv3d, LoRAEmbedding, LoraLayer, LoRALinear
-from .merge import disabled, merge, merge_and_unload, unload, unmerge
 from .routing import routing
 from .seed import build, lora_delta, output_size, wrap
+from .tree import lora_layers
 
 __all__ = [
     "__version__",

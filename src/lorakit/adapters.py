@@ -6,8 +6,10 @@ from collections.abc import Iterable
 
 from torch import nn
 
+from .adapter_registry import adapter_configs
 from .errors import AdapterError
-from .inject import CONFIGS_ATTR, adapter_configs, freeze_base, lora_layers
+from .inject import freeze_base
+from .tree import lora_layers
 
 
 def adapter_names(model: nn.Module) -> tuple[str, ...]:
@@ -62,4 +64,3 @@ def delete_adapter(model: nn.Module, name: str) -> None:
             layer.delete_adapter(name)
         if len(layer.lora) == 0:
             layer.restore()
-    del model.__dict__[CONFIGS_ATTR][name]

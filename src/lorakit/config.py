@@ -7,11 +7,12 @@ import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, NoReturn
 
 import torch
 
 from .errors import ConfigError
+from .names import name_matches
 
 Bias = Literal["none", "all", "lora_only"]
 Init = Literal["kaiming", "gaussian", "zeros"]
@@ -80,7 +81,7 @@ def pattern_key(patterns: Mapping[str, object], module_name: str) -> str | None:
     A key matches when `module_name` is the key, or ends with "." + key; keys are regexes.
     """
     for key in patterns:
-        if re.fullmatch(suffix_regex(key), module_name):
+        if name_matches(module_name, suffix_regex(key)):
             return key
     return None
 
@@ -93,6 +94,26 @@ def _as_tuple(value: object, option: str) -> tuple[str, ...]:
     if isinstance(value, Sequence) and all(isinstance(v, str) and v for v in value):
         return tuple(value)
     raise ConfigError(f"{option} must be a list of module names, got {value!r}")
+
+
+class FrozenDict(dict):
+    """A dict that refuses changes, so a frozen config's patterns (and hash) stay as validated.
+
+    Still a dict for equality, `json.dumps` and `dataclasses.asdict`; hashes by its items;
+    pickles and copies by value. Change a config with `dataclasses.replace`.
+    """
+
+    def _refuse(self, *args: object, **kwargs: object) -> NoReturn:
+        raise TypeError("a LoraConfig pattern is read-only; use dataclasses.replace(config, ...)")
+
+    __setitem__ = __delitem__ = __ior__ = _refuse
+    clear = pop = popitem = setdefault = update = _refuse
+
+    def __hash__(self) -> int:  # type: ignore[override]
+        return hash(tuple(sorted(self.items())))
+
+    def __reduce__(self) -> tuple:
+        return type(self), (dict(self),)
 
 
 def _as_patterns(value: object, option: str) -> dict:
@@ -132,7 +153,7 @@ class LoraConfig:
             module path (a str), or "all-linear" (every Linear / GPT-2 Conv1D but the output head).
         exclude: names or suffixes (a list) or a regex (a str) never adapted.
         rank_pattern / alpha_pattern: {suffix regex: value} overrides per module; each key is
-            compiled here as it is matched (`suffix_regex`).
+            compiled here as it is matched (`suffix_regex`). Kept as read-only `FrozenDict`s.
         use_rslora: scale by alpha / sqrt(rank).
         bias: "none", "all" (every bias trains) or "lora_only" (biases of adapted layers train).
         modules_to_save: modules (names or suffixes) trained in full, e.g. a classifier head.
@@ -174,24 +195,19 @@ class LoraConfig:
         elif not isinstance(self.exclude, str):
             set_(self, "exclude", _as_tuple(self.exclude, "exclude"))
         set_(self, "modules_to_save", _as_tuple(self.modules_to_save, "modules_to_save"))
-        set_(self, "rank_pattern", _as_patterns(self.rank_pattern, "rank_pattern"))
-        set_(self, "alpha_pattern", _as_patterns(self.alpha_pattern, "alpha_pattern"))
-        for key, r in self.rank_pattern.items():
+        ranks = _as_patterns(self.rank_pattern, "rank_pattern")
+        alphas = _as_patterns(self.alpha_pattern, "alpha_pattern")
+        for key, r in ranks.items():
             check_rank(r, f"rank_pattern[{key!r}]")
-        for key, a in self.alpha_pattern.items():
-            self.alpha_pattern[key] = check_alpha(a, f"alpha_pattern[{key!r}]")
+        for key, a in alphas.items():
+            alphas[key] = check_alpha(a, f"alpha_pattern[{key!r}]")
+        set_(self, "rank_pattern", FrozenDict(ranks))
+        set_(self, "alpha_pattern", FrozenDict(alphas))
         if not isinstance(self.use_rslora, bool):
             raise ConfigError(f"use_rslora must be a bool, got {self.use_rslora!r}")
         check_choice(self.bias, "bias", _BIAS)
         check_choice(self.init, "init", _INIT)
         set_(self, "dtype", _as_dtype(self.dtype))
-
-    def __hash__(self) -> int:
-        """Hashable (a dict key, a set member) although the patterns are dicts: they hash as
-        sorted item tuples. Equal configs hash equal; do not edit a pattern in place."""
-        values = (getattr(self, f.name) for f in dataclasses.fields(self))
-        frozen = (tuple(sorted(v.items())) if isinstance(v, Mapping) else v for v in values)
-        return hash(tuple(frozen))
 
     def for_module(self, module_name: str) -> LoraConfig:
         """This config with `rank_pattern` / `alpha_pattern` applied for `module_name`."""

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .errors import AdapterError, MergeError
-from .inject import CONFIGS_ATTR, lora_layers
+from .tree import lora_layers
 
 
 def merge(model: nn.Module, keep_original: bool = True) -> nn.Module:
@@ -85,7 +85,6 @@ def unload(model: nn.Module) -> nn.Module:
     for _, layer in list(lora_layers(model)):
         layer.unmerge()
         layer.restore()
-    model.__dict__.pop(CONFIGS_ATTR, None)
     return model
 
 
@@ -94,7 +93,6 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     merge(model, keep_original=False)  # nothing is unmerged after this: no copy needed
     for _, layer in list(lora_layers(model)):
         layer.restore()
-    model.__dict__.pop(CONFIGS_ATTR, None)
     return model
 
 

@@ -23,9 +23,9 @@ from torch import Tensor, nn
 
 from .adapters import adapter_names
 from .errors import AdapterError, UnsupportedLayerError
-from .inject import lora_layers
 from .layers.base import LoraLayer
 from .layers.conv import ConvLoraMixin
+from .tree import lora_layers
 
 __all__ = ["RowRouting", "clear_cache", "routing"]
 

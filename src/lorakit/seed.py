@@ -18,9 +18,9 @@ from __future__ import annotations
 
 from torch import nn
 
+from .adapter_registry import check_adapter_name
 from .config import Init, LoraConfig, check_rank
 from .errors import ConfigError
-from .inject import check_adapter_name
 from .layers import LoRA, LoraLayer, lora_class
 
 

@@ -11,16 +11,12 @@ from typing import TYPE_CHECKING, TypedDict
 import torch
 from torch import Tensor, nn
 
+from ..adapter_registry import adapter_configs, check_adapter_name
 from ..config import LoraConfig
 from ..errors import AdapterError, CheckpointError, TargetNotFoundError
-from ..inject import (
-    adapter_configs,
-    base_modules,
-    check_adapter_name,
-    find_targets,
-    inject_found,
-    without_missing_saved,
-)
+from ..inject import inject_found
+from ..targets import find_targets, without_missing_saved
+from ..tree import base_modules
 from .files import DEFAULT, open_adapter
 from .io import CONFIG_NAME
 from .peft_format import from_peft, with_prefix

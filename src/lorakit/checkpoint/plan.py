@@ -7,7 +7,6 @@ file, with which shape), so the two cannot disagree.
 from __future__ import annotations
 
 import functools
-import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Literal
@@ -16,8 +15,9 @@ import torch
 from torch import Tensor, nn
 
 from ..config import ALL_LINEAR, LoraConfig
-from ..inject import base_modules, matches_suffix
 from ..layers import lora_class
+from ..names import name_matches
+from ..tree import base_modules
 from .peft_format import lora_keys, param_key
 
 Kind = Literal["lora_A", "lora_B", "tensor"]
@@ -87,7 +87,7 @@ def plan(config: LoraConfig, modules: Modules, targets: Modules) -> dict[str, Sl
                 key = param_key(path, "weight", adapted=False)
                 slots[key] = Slot("tensor", path, "weight", tuple(weight.shape), optional=True)
     for path, module in modules:
-        if path and matches_suffix(path, config.modules_to_save):
+        if path and name_matches(path, config.modules_to_save):
             for owner, name, t in _own_tensors(module, path):
                 key = param_key(owner, name, adapted=False)
                 slots[key] = Slot("tensor", owner, name, tuple(t.shape))
@@ -100,11 +100,7 @@ def peft_targets(config: LoraConfig, modules: Modules, adapted: list[str]) -> st
     of adapted paths (what PEFT writes itself for "all-linear")."""
     targets = config.targets
     if targets != ALL_LINEAR and not config.exclude:
-        names = [n for n, _ in modules if n]
-        if isinstance(targets, str):
-            matched = {n for n in names if re.fullmatch(targets, n)}
-        else:
-            matched = {n for n in names if matches_suffix(n, targets)}
+        matched = {n for n, _ in modules if n and name_matches(n, targets)}
         if matched == set(adapted):
             return targets if isinstance(targets, str) else list(targets)
     return sorted(adapted)

@@ -14,10 +14,11 @@ from pathlib import Path
 from torch import Tensor, nn
 
 from .._version import __version__
+from ..adapter_registry import adapter_configs, check_adapter_name
 from ..config import LoraConfig
 from ..errors import AdapterError
-from ..inject import adapter_configs, base_modules, check_adapter_name
 from ..layers import LoraLayer
+from ..tree import base_modules
 from .atomic import atomic_write
 from .files import DEFAULT, adapter_folder, canonical
 from .io import CONFIG_NAME, WEIGHTS_NAME, folder_lock, safetensors_bytes

@@ -15,6 +15,7 @@ from ..checkpoint.io import CONFIG_NAME, WEIGHTS_NAME
 from ..checkpoint.peft_format import PREFIX, from_peft
 from ..config import scaling
 from ..errors import CheckpointError
+from ..table import table_lines
 
 _A_SUFFIXES = (".lora_A.weight", ".lora_embedding_A")
 _B_SUFFIXES = {".lora_A.weight": ".lora_B.weight", ".lora_embedding_A": ".lora_embedding_B"}
@@ -114,8 +115,7 @@ def format_text(info: dict) -> str:
             (m["module"], str(m["rank"]), f"{m['alpha']:g}", f"{m['scaling']:g}",
              "x".join(map(str, m["lora_A"])), "x".join(map(str, m["lora_B"])))
         )  # fmt: skip
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines += ["", *("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows)]
+    lines += ["", *(line.rstrip() for line in table_lines(rows))]
     if info["other_tensors"]:
         lines += ["", "other tensors: " + ", ".join(info["other_tensors"])]
     return "\n".join(lines)

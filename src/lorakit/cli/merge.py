@@ -24,10 +24,10 @@ from ..checkpoint import load_adapter, read_adapter
 from ..checkpoint.atomic import atomic_folder
 from ..checkpoint.io import read_json
 from ..errors import CheckpointError
-from ..inject import lora_layers
 from ..merge import merge_and_unload
 from ..train.model import check_weight_files, head_labels, load_model, read_model_config
 from ..train.options import TASKS
+from ..tree import lora_layers
 
 # Files of a model folder that describe the weights; everything else (tokenizer, generation
 # config, README) is copied from the base folder when save_pretrained did not write it.

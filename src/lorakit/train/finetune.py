@@ -16,7 +16,8 @@ from torch import nn
 from ..checkpoint.atomic import atomic_folder
 from ..config import LoraConfig
 from ..errors import ConfigError, LorakitError
-from ..inject import InjectionReport, inject
+from ..inject import inject
+from ..overview import InjectionReport
 from .data import (
     CausalLMDataset,
     Collator,
