@@ -13,14 +13,12 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from .data_checks import check_prompt_completion, check_text_label, check_text_record
+from .options import Task
 from .records import DataError, Record, has_value, where
 from .tokenization import TruncationSide, encode_prompt_completion, encode_text
-
-if TYPE_CHECKING:  # options.py imports this package's data module; a type needs no cycle
-    from .options import Task
 
 Check = Callable[[Record, str | Path], None]
 Encoder = Callable[[Record, Any, int, str | Path, TruncationSide], dict[str, list[int]]]

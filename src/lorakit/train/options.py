@@ -1,29 +1,42 @@
 """`TrainOptions`: every training option of `lorakit finetune`, one frozen dataclass.
 
 The defaults are the command line's, and with `model=None` and `data=None` they describe
-the embedded demo job (MiniLM-L6 on the VADER sentiment lexicon).
+the embedded demo job (MiniLM-L6 on the VADER sentiment lexicon). Each field is one flag of
+`lorakit finetune`: its help and `--help` group are the field's metadata (see `option`), and
+`cli/finetune.py` builds the parser from the fields.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, field
+from typing import Any, Literal, get_args
 
 from ..config import check_choice
 from ..errors import ConfigError
-from .data import TRUNCATION_SIDES, TruncationSide
-from .precision import PRECISIONS, Precision
+from .precision import Precision
+from .tokenization import TruncationSide
 
 Task = Literal["seq-cls", "causal-lm"]
 Schedule = Literal["linear", "cosine", "constant"]
 Progress = Literal["auto", "bar", "lines", "none"]
 Padding = Literal["longest", "max-length"]
 
-TASKS = ("seq-cls", "causal-lm")
-SCHEDULES = ("linear", "cosine", "constant")
-PROGRESS = ("auto", "bar", "lines", "none")
-PADDINGS = ("longest", "max-length")
+TASKS: tuple[Task, ...] = get_args(Task)
+
+# The `lorakit finetune --help` groups the options fall in (the LoRA group is LoraConfig's).
+DATA = "model and data"
+TRAINING = "training"
+
+
+def option(default: Any, help: str, group: str, shown_default: str | None = None) -> Any:
+    """A dataclass field that carries its `lorakit finetune` flag's help in its metadata.
+
+    `help` is the flag's text, `group` its `--help` group, and `shown_default` the words that
+    stand for a default that is a behaviour rather than a value (e.g. None: "the demo's").
+    """
+    metadata = {"help": help, "group": group, "shown_default": shown_default}
+    return field(default=default, metadata=metadata)
 
 
 def _positive_int(value: object, option: str, allow_zero: bool = False) -> int:
@@ -79,45 +92,63 @@ class TrainOptions:
         ConfigError: an option is invalid; the message names it.
     """
 
-    model: str | None = None
-    data: str | None = None
-    eval_file: str | None = None
-    eval_fraction: float = 0.1
-    task: Task | None = None
-    out: str = "runs/finetune"
-    max_length: int = 128
-    padding: Padding = "longest"
-    truncation_side: TruncationSide = "right"
-    epochs: int = 3
-    max_steps: int = 0
-    batch_size: int = 32
-    eval_batch_size: int = 128
-    grad_accum: int = 1
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    warmup_steps: int = 10
-    schedule: Schedule = "linear"
-    max_grad_norm: float = 1.0
-    seed: int = 0
-    eval_every: int = 50
-    log_every: int = 10
-    save_every: int = 50
-    keep_checkpoints: int = 2
-    resume: bool = False
-    overwrite: bool = False
-    fsdp: bool = False
-    precision: Precision = "fp32"
-    threads: int = 0
-    progress: Progress = "auto"
+    model: str | None = option(None, "local model folder", DATA, "the demo's MiniLM-L6")
+    data: str | None = option(None, "training data, .jsonl/.json/.csv", DATA, "the demo's")
+    eval_file: str | None = option(None, "held-out data", DATA, "split off --eval-fraction")
+    eval_fraction: float = option(0.1, "share of --data held out without --eval-file", DATA)
+    task: Task | None = option(None, "", DATA, "from the model config's architectures")
+    max_length: int = option(128, "tokens per example, after truncation", DATA)
+    padding: Padding = option(
+        "longest",
+        "longest: pad each batch to its longest example; max-length: pad every batch to "
+        "--max-length",
+        DATA,
+    )
+    truncation_side: TruncationSide = option(
+        "right",
+        "end cut from examples over --max-length; left keeps a text's end, and the whole "
+        "completion of prompt + completion",
+        DATA,
+    )
+    out: str = option("runs/finetune", "output folder", DATA)
+    epochs: int = option(3, "", TRAINING)
+    max_steps: int = option(0, "> 0 overrides --epochs", TRAINING)
+    batch_size: int = option(32, "per process", TRAINING)
+    eval_batch_size: int = option(128, "", TRAINING)
+    grad_accum: int = option(1, "micro-batches per optimizer step", TRAINING)
+    lr: float = option(1e-3, "peak learning rate", TRAINING)
+    weight_decay: float = option(0.0, "", TRAINING)
+    warmup_steps: int = option(10, "", TRAINING)
+    schedule: Schedule = option("linear", "lr after warmup", TRAINING)
+    max_grad_norm: float = option(1.0, "0: no clipping", TRAINING)
+    seed: int = option(0, "", TRAINING)
+    eval_every: int = option(50, "steps; 0: off", TRAINING)
+    log_every: int = option(10, "steps; 0: off", TRAINING)
+    save_every: int = option(50, "steps; 0: at the end only", TRAINING)
+    keep_checkpoints: int = option(2, "", TRAINING)
+    resume: bool = option(False, "continue from the newest checkpoint in --out", TRAINING)
+    overwrite: bool = option(
+        False,
+        "start afresh in an --out that holds an adapter or checkpoints, deleting them",
+        TRAINING,
+    )
+    fsdp: bool = option(False, "shard the base with FSDP2 (torchrun)", TRAINING)
+    precision: Precision = option(
+        "fp32",
+        "bf16: base in bfloat16, forwards under autocast, adapters and heads trained in float32",
+        TRAINING,
+    )
+    threads: int = option(0, "torch threads; 0: torch's choice, 1 for the demo", TRAINING)
+    progress: Progress = option("auto", "", TRAINING)
 
     def __post_init__(self) -> None:
         if self.task is not None:
             check_choice(self.task, "task", TASKS)
-        check_choice(self.schedule, "schedule", SCHEDULES)
-        check_choice(self.progress, "progress", PROGRESS)
-        check_choice(self.padding, "padding", PADDINGS)
-        check_choice(self.truncation_side, "truncation_side", TRUNCATION_SIDES)
-        check_choice(self.precision, "precision", PRECISIONS)
+        check_choice(self.schedule, "schedule", get_args(Schedule))
+        check_choice(self.progress, "progress", get_args(Progress))
+        check_choice(self.padding, "padding", get_args(Padding))
+        check_choice(self.truncation_side, "truncation_side", get_args(TruncationSide))
+        check_choice(self.precision, "precision", get_args(Precision))
         if self.precision == "bf16" and self.fsdp:
             raise ConfigError(
                 "precision='bf16' with fsdp is not supported: an FSDP2 shard holds one "
