@@ -9,10 +9,12 @@ loop alone, for a model you have already adapted with `lorakit.inject`.
 
 from .data import DataError
 from .distributed import DistEnv
+from .divergence import TrainingError
 from .evaluate import evaluate
 from .finetune import FinetuneResult, finetune
-from .loop import TrainingError, TrainResult, WarmupDecay, train
+from .loop import TrainResult, train
 from .options import TrainOptions
+from .schedule import WarmupDecay
 from .state import latest_checkpoint
 
 __all__ = [

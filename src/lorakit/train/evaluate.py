@@ -45,31 +45,50 @@ def evaluate(
     was_training = model.training
     model.eval()
     indices, real = shard(len(data), env)
-    loss_sum = correct = count = 0.0
+    totals = [0.0, 0.0, 0.0]  # loss sum, correct predictions, examples (or tokens)
     for start in range(0, len(indices), batch_size):
         rows = indices[start : start + batch_size]
         batch = {k: v.to(env.device) for k, v in collate_fn([data[i] for i in rows]).items()}
         labels = batch.pop("labels")
         keep = torch.arange(start, start + len(rows), device=env.device) < real
         logits = model(**batch).logits.float()
-        if task == "seq-cls":
-            losses = F.cross_entropy(logits, labels, reduction="none")
-            loss_sum += losses[keep].sum().item()
-            correct += (logits.argmax(-1) == labels)[keep].sum().item()
-            count += keep.sum().item()
-        else:
-            labels = labels.masked_fill(~keep[:, None], IGNORE_INDEX)
-            # token t predicts token t + 1
-            shifted, targets = logits[:, :-1], labels[:, 1:]
-            loss_sum += F.cross_entropy(
-                shifted.reshape(-1, shifted.shape[-1]),
-                targets.reshape(-1),
-                ignore_index=IGNORE_INDEX,
-                reduction="sum",
-            ).item()
-            count += (targets != IGNORE_INDEX).sum().item()
-    loss_sum, correct, count = all_sum(env, [loss_sum, correct, count])
+        sums = _BATCH_SUMS[task](logits, labels, keep)
+        totals = [total + value for total, value in zip(totals, sums)]
+    loss_sum, correct, count = all_sum(env, totals)
     model.train(was_training)
+    return _metrics(task, loss_sum, correct, count)
+
+
+def _seq_cls_sums(
+    logits: torch.Tensor, labels: torch.Tensor, keep: torch.Tensor
+) -> tuple[float, float, float]:
+    """Over the kept rows: (sum of the losses, correct predictions, examples)."""
+    loss_sum = F.cross_entropy(logits, labels, reduction="none")[keep].sum().item()
+    correct = (logits.argmax(-1) == labels)[keep].sum().item()
+    return loss_sum, correct, keep.sum().item()
+
+
+def _causal_lm_sums(
+    logits: torch.Tensor, labels: torch.Tensor, keep: torch.Tensor
+) -> tuple[float, float, float]:
+    """Over the kept rows: (sum of the completion tokens' losses, 0, completion tokens)."""
+    labels = labels.masked_fill(~keep[:, None], IGNORE_INDEX)
+    # token t predicts token t + 1
+    shifted, targets = logits[:, :-1], labels[:, 1:]
+    loss_sum = F.cross_entropy(
+        shifted.reshape(-1, shifted.shape[-1]),
+        targets.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
+    ).item()
+    return loss_sum, 0.0, (targets != IGNORE_INDEX).sum().item()
+
+
+_BATCH_SUMS = {"seq-cls": _seq_cls_sums, "causal-lm": _causal_lm_sums}
+
+
+def _metrics(task: Task, loss_sum: float, correct: float, count: float) -> dict[str, float]:
+    """The mean loss, and accuracy (seq-cls) or perplexity (causal-lm)."""
     loss = loss_sum / max(count, 1.0)
     if task == "seq-cls":
         return {"loss": loss, "accuracy": correct / max(count, 1.0)}

@@ -1,0 +1,58 @@
+"""The model of a `finetune` run: loaded from its folder, LoRA injected (with the
+classification head trained in full for seq-cls)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..config import LoraConfig
+from ..inject import inject
+from ..overview import InjectionReport
+from .finetune_data import FinetuneData
+from .finetune_inputs import FinetuneInputs
+from .model import load_model
+from .options import TrainOptions
+from .precision import load_dtype, upcast
+
+# The command line's LoRA defaults: rank 8, alpha 16 on every linear layer (plus the head).
+DEFAULT_LORA = LoraConfig(rank=8, alpha=16.0, targets="all-linear")
+# Classification heads of transformers models, trained in full next to the adapter.
+HEAD_NAMES = ("classifier", "score")
+
+
+@dataclass(frozen=True)
+class AdaptedModel:
+    """The model with its adapter, the LoRA config used (head included) and what it adapted."""
+
+    model: nn.Module
+    lora: LoraConfig
+    report: InjectionReport
+
+
+def prepare_model(
+    options: TrainOptions, lora: LoraConfig | None, inputs: FinetuneInputs, data: FinetuneData
+) -> AdaptedModel:
+    """Load the model and inject `lora` (default `DEFAULT_LORA`); in bf16 the parts trained
+    in full are kept in float32."""
+    torch.manual_seed(options.seed)  # the head's and the adapter's initial values
+    model = load_model(inputs.model_dir, inputs.task, data.label_map, load_dtype(options.precision))
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = data.pad  # seq-cls heads find the last real token with it
+    lora = lora or DEFAULT_LORA
+    if inputs.task == "seq-cls" and not lora.modules_to_save:
+        lora = _with_head(lora, model)
+    report = inject(model, lora)
+    if options.precision == "bf16":
+        upcast([model.get_submodule(path) for path in report.modules_to_save])
+    return AdaptedModel(model, lora, report)
+
+
+def _with_head(lora: LoraConfig, model: nn.Module) -> LoraConfig:
+    """`lora` with the model's classification head added to `modules_to_save`."""
+    children = dict(model.named_children())
+    heads = tuple(name for name in HEAD_NAMES if name in children)
+    return dataclasses.replace(lora, modules_to_save=heads) if heads else lora
