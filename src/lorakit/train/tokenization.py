@@ -107,8 +107,8 @@ def encode_messages(
         DataError: the tokenizer has no chat template; a rendering is not a prefix of the
             conversation's tokens; or the last assistant turn would be cut.
     """
-    messages = [{"role": m["role"], "content": m["content"]} for m in record["messages"]]
-    _require_chat_template(tokenizer, record, path)
+    messages = chat_messages(record)
+    require_chat_template(tokenizer, record, path)
     ids = chat_ids(tokenizer, messages, add_generation_prompt=False)
     labels = [IGNORE_INDEX] * len(ids)
     turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
@@ -124,7 +124,13 @@ def encode_messages(
     return {"input_ids": ids, "labels": labels}
 
 
-def _require_chat_template(tokenizer: Any, record: Record, path: str | Path) -> None:
+def chat_messages(record: Record) -> list[dict[str, str]]:
+    """The turns of a ``messages`` record as the chat template sees them: role and content
+    only (other keys are ignored)."""
+    return [{"role": m["role"], "content": m["content"]} for m in record["messages"]]
+
+
+def require_chat_template(tokenizer: Any, record: Record, path: str | Path) -> None:
     """DataError unless ``tokenizer`` has a chat template to render ``messages`` with."""
     if not getattr(tokenizer, "chat_template", None):
         raise DataError(
@@ -139,7 +145,7 @@ def chat_ids(tokenizer: Any, messages: list[dict], add_generation_prompt: bool) 
 
     The template writes any BOS token itself, so the tokenizer adds no special tokens.
     """
-    if not messages:  # some templates index messages[0]
+    if not messages and not add_generation_prompt:  # some templates index messages[0]
         return []
     text = tokenizer.apply_chat_template(
         messages, tokenize=False, add_generation_prompt=add_generation_prompt
