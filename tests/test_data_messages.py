@@ -215,9 +215,9 @@ def test_a_template_whose_prefixes_do_not_match_is_refused(chatml):
     finally:
         chatml.chat_template = saved
     assert str(caught.value) == (
-        "c.jsonl, line 3: messages[1]: the chat template renders the turns before this "
-        "assistant turn (add_generation_prompt=True) to tokens that are not a prefix of the "
-        "whole conversation's, so its tokens cannot be found"
+        "c.jsonl, line 3: messages[1]: the chat template's rendering of messages[:1] "
+        "(add_generation_prompt=True) does not tokenise to a prefix of the whole "
+        "conversation, so this assistant turn's tokens cannot be found"
     )
 
 

@@ -160,9 +160,9 @@ def _prefix_length(
     prefix = chat_ids(tokenizer, messages, add_generation_prompt)
     if ids[: len(prefix)] != prefix:
         raise DataError(
-            f"{at}: the chat template renders the turns before this assistant turn "
-            f"(add_generation_prompt={add_generation_prompt}) to tokens that are not a "
-            "prefix of the whole conversation's, so its tokens cannot be found"
+            f"{at}: the chat template's rendering of messages[:{len(messages)}] "
+            f"(add_generation_prompt={add_generation_prompt}) does not tokenise to a prefix "
+            "of the whole conversation, so this assistant turn's tokens cannot be found"
         )
     return len(prefix)
 
