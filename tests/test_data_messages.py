@@ -239,3 +239,50 @@ def test_smollm2_template_labels_the_answer_and_its_end_of_turn(smollm2):
     ]
     # No system turn given: the template wrote its default one, unlabelled.
     assert smollm2.decode(example["input_ids"]).startswith("<|im_start|>system\n")
+
+
+# --------------------------------------------------------------------------- end to end
+
+# Words and [SEP] only: the tiny model's vocabulary is the MiniLM tokenizer's, unchanged.
+PLAIN_TEMPLATE = (
+    "{% for m in messages %}{{ m.role }} : {{ m.content }} [SEP] {% endfor %}"
+    "{% if add_generation_prompt %}assistant :{% endif %}"
+)
+
+
+def test_finetune_trains_a_causal_lm_on_chats(tmp_path):
+    from tiny_hf import completion_records, tiny_model, write_jsonl
+    from transformers import AutoTokenizer
+
+    from lorakit.train import TrainOptions, finetune
+
+    model = tiny_model(tmp_path / "llama", "llama-causal")
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    tokenizer.chat_template = PLAIN_TEMPLATE
+    tokenizer.save_pretrained(model)
+    chats = [
+        {
+            "messages": [
+                {"role": "user", "content": r["prompt"]},
+                {"role": "assistant", "content": r["completion"]},
+            ]
+        }
+        for r in completion_records(64)
+    ]
+    data = write_jsonl(tmp_path / "chats.jsonl", chats)
+    options = TrainOptions(
+        model=str(model),
+        data=str(data),
+        out=str(tmp_path / "out"),
+        batch_size=8,
+        epochs=3,
+        lr=1e-2,
+        warmup_steps=2,
+        eval_every=0,
+        save_every=0,
+        threads=1,
+        progress="none",
+    )
+    result = finetune(options)
+    assert result.task == "causal-lm"
+    assert result.train.eval_after["loss"] < result.train.eval_before["loss"]
