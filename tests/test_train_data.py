@@ -194,7 +194,7 @@ def test_record_in_no_format_names_every_format_of_the_task():
         record_format({"label": "x", LINE_KEY: 4}, "causal-lm", "d.jsonl")
     assert str(caught.value) == (
         "d.jsonl, line 4: missing field 'text' "
-        "(causal-lm needs 'text', or 'prompt' and 'completion')"
+        "(causal-lm needs 'text', or 'prompt' and 'completion', or 'messages')"
     )
 
 

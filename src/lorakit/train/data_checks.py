@@ -52,3 +52,44 @@ def check_prompt_completion(record: Record, path: str | Path) -> None:
     if not isinstance(record.get("prompt"), str):
         raise DataError(f"{where(record, path)}: missing field 'prompt' (must be a string)")
     check_text(record, "completion", path)
+
+
+ROLES = ("system", "user", "assistant")
+"""The roles a ``messages`` turn may have."""
+
+
+def check_messages(record: Record, path: str | Path) -> None:
+    """Require ``messages``: a non-empty list of ``{"role", "content"}`` objects.
+
+    Each role is one of :data:`ROLES` and each content a string (non-empty for an
+    assistant turn, which is what the model learns); at least one turn is an assistant's.
+    """
+    messages = record.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise DataError(
+            f"{where(record, path)}: field 'messages' must be a non-empty list of "
+            f"{{'role': ..., 'content': ...}} objects, got {messages!r}"
+        )
+    for index, message in enumerate(messages):
+        _check_message(message, f"{where(record, path)}: messages[{index}]")
+    if not any(message["role"] == "assistant" for message in messages):
+        raise DataError(
+            f"{where(record, path)}: field 'messages' has no assistant turn "
+            "(the loss is on assistant turns only)"
+        )
+
+
+def _check_message(message: object, at: str) -> None:
+    """One turn; ``at`` is ``"<file>, line N: messages[i]"``."""
+    if not isinstance(message, dict):
+        raise DataError(f"{at}: must be an object with 'role' and 'content', got {message!r}")
+    for field in ("role", "content"):
+        if field not in message:
+            raise DataError(f"{at}: missing field {field!r}")
+    role, content = message["role"], message["content"]
+    if role not in ROLES:
+        raise DataError(f"{at}.role: unknown role {role!r} (expected system, user or assistant)")
+    if not isinstance(content, str):
+        raise DataError(f"{at}.content: must be a string, got {content!r}")
+    if role == "assistant" and not content.strip():
+        raise DataError(f"{at}.content: an assistant turn must be a non-empty string")

@@ -1,8 +1,10 @@
 """Record formats: the fields a record has decide how it is checked and tokenised.
 
 * ``seq-cls``: ``text`` (non-empty string) and ``label`` (string or integer).
-* ``causal-lm``: ``text`` (loss on every token), or ``prompt`` + ``completion`` (loss on
-  the completion tokens only; prompt tokens get label ``-100``).
+* ``causal-lm``: ``text`` (loss on every token), ``prompt`` + ``completion`` (loss on
+  the completion tokens only; prompt tokens get label ``-100``), or ``messages`` (a chat:
+  ``[{"role": "system"|"user"|"assistant", "content": ...}]``, rendered by the
+  tokenizer's chat template; loss on the assistant turns only).
 
 :data:`FORMATS` is the one place that lists them. A new format is a check in
 ``data_checks.py``, an encoder in ``tokenization.py`` and one entry here.
@@ -15,10 +17,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .data_checks import check_prompt_completion, check_text_label, check_text_record
+from .data_checks import (
+    check_messages,
+    check_prompt_completion,
+    check_text_label,
+    check_text_record,
+)
 from .options import Task
 from .records import DataError, Record, has_value, where
-from .tokenization import TruncationSide, encode_prompt_completion, encode_text
+from .tokenization import (
+    TruncationSide,
+    encode_messages,
+    encode_prompt_completion,
+    encode_text,
+)
 
 Check = Callable[[Record, str | Path], None]
 Encoder = Callable[[Record, Any, int, str | Path, TruncationSide], dict[str, list[int]]]
@@ -62,11 +74,12 @@ PROMPT_COMPLETION = RecordFormat(
     check_prompt_completion,
     encode_prompt_completion,
 )
+MESSAGES = RecordFormat("messages", ("messages",), ("messages",), check_messages, encode_messages)
 
 FORMATS: dict[Task, tuple[RecordFormat, ...]] = {
     "seq-cls": (TEXT_LABEL,),
     # The first format that marks a record wins: a record with a text is a text record.
-    "causal-lm": (TEXT, PROMPT_COMPLETION),
+    "causal-lm": (TEXT, PROMPT_COMPLETION, MESSAGES),
 }
 """The record formats each task accepts, in the order they are tried."""
 
