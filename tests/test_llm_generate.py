@@ -52,8 +52,8 @@ def test_prompt_and_messages_are_exclusive(tiny) -> None:
 @pytest.mark.parametrize(
     "messages, message",
     [
-        ([], "messages must be a non-empty list"),
-        ({"role": "user"}, "messages must be a non-empty list .* got dict"),
+        ([], r"messages must be a non-empty list of \{role, content\}, got \[\]"),
+        ({"role": "user"}, r"messages must be a non-empty list .* got \{'role': 'user'\}"),
         ([CHAT[0], {"role": "user"}], r"messages\[1\] must be \{\"role\": str, \"content\": str\}"),
         ([{"role": "user", "content": 3}], r"messages\[0\] must be .*'content': 3"),
     ],
@@ -61,6 +61,15 @@ def test_prompt_and_messages_are_exclusive(tiny) -> None:
 def test_malformed_messages(tiny, messages, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         encode(tiny[1], messages=messages)
+
+
+def test_an_empty_prompt(tiny) -> None:
+    class NoSpecialTokens:  # a tokenizer that adds no BOS, like many decoder tokenizers
+        def __call__(self, text: str, return_tensors: str):
+            return tiny[1](text, add_special_tokens=False, return_tensors=return_tensors)
+
+    with pytest.raises(ConfigError, match="the prompt is empty: it encodes to no tokens"):
+        encode(NoSpecialTokens(), prompt="")
 
 
 def test_messages_need_a_chat_template(tmp_path: Path) -> None:

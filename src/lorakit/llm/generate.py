@@ -30,8 +30,8 @@ def encode(
     """input_ids and attention_mask, (1, tokens) each, for `prompt` or `messages`.
 
     Raises:
-        ConfigError: neither or both given, a malformed message, or messages for a tokenizer
-            without a chat template.
+        ConfigError: neither or both given, an empty prompt, a malformed message, or messages
+            for a tokenizer without a chat template.
     """
     if (prompt is None) == (messages is None):
         raise ConfigError("pass exactly one of prompt (plain text) and messages (a chat)")
@@ -49,6 +49,8 @@ def encode(
 
 
 def _ids(encoded: Any) -> dict[str, torch.Tensor]:
+    if encoded["input_ids"].shape[1] == 0:
+        raise ConfigError("the prompt is empty: it encodes to no tokens")
     # Some tokenizers add token_type_ids, which decoder models do not take.
     return {key: encoded[key] for key in ("input_ids", "attention_mask")}
 
@@ -56,8 +58,9 @@ def _ids(encoded: Any) -> dict[str, torch.Tensor]:
 def check_messages(messages: object) -> None:
     """Raise ConfigError naming the first entry that is not {"role": str, "content": str}."""
     if not isinstance(messages, (list, tuple)) or not messages:
-        raise ConfigError(f"messages must be a non-empty list of {{role, content}}, got "
-                          f"{type(messages).__name__}")  # fmt: skip
+        raise ConfigError(
+            f"messages must be a non-empty list of {{role, content}}, got {messages!r:.80}"
+        )
     for i, message in enumerate(messages):
         fields_ok = isinstance(message, dict) and all(
             isinstance(message.get(key), str) for key in ("role", "content")
