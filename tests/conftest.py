@@ -218,3 +218,7 @@ def randomise_lora(model: nn.Module, std: float = 0.1, seed: int = 123) -> None:
             if isinstance(module, LoRA):
                 for p in (module.lora_A, module.lora_B):
                     p.copy_(torch.randn(p.shape, generator=generator) * std)
+
+
+# -- decoder LLMs (tests/llm_fixtures.py) -------------------------------------------------------
+from llm_fixtures import smollm2_cache, tiny_chat_folder  # noqa: E402, F401

@@ -1,4 +1,5 @@
-"""lorakit's exceptions: each subclasses ValueError or TypeError, and names the field at fault."""
+"""lorakit's exceptions: each subclasses ValueError, TypeError or ImportError, and names the
+field at fault (or the package to install)."""
 
 
 class LorakitError(Exception):
@@ -27,3 +28,7 @@ class MergeError(LorakitError, ValueError):
 
 class CheckpointError(LorakitError, ValueError):
     """An adapter file or folder is missing, corrupt, or does not fit the model."""
+
+
+class MissingDependencyError(LorakitError, ImportError):
+    """An optional package a feature needs is not installed; the message names the pip command."""

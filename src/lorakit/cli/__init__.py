@@ -9,7 +9,7 @@ import sys
 from ..errors import LorakitError
 
 # Subcommand modules of this package; each defines register(subparsers) and sets `func`.
-COMMANDS: tuple[str, ...] = ("inspect", "merge", "finetune")
+COMMANDS: tuple[str, ...] = ("inspect", "merge", "finetune", "generate")
 
 
 def build_parser() -> argparse.ArgumentParser:
