@@ -165,7 +165,7 @@ def merge_folder(
     folder, raw, tensors, _ = read_adapter(adapter, adapter_name, allow_pickle=allow_pickle)
     task, labels = adapter_task(folder, raw, task)
     try:
-        # made first (an unwritable --out fails before the model loads); mkdtemp's mode as before
+        # made first, so an unwritable --out fails before the model loads; owner-only as ever
         with atomic_folder(out, replace=False, mode=0o700) as tmp:
             model = load_base(base, task, labels)
             if task == "seq-cls":
