@@ -43,8 +43,10 @@ def test_every_field_has_a_flag_with_help_in_its_group(field: dataclasses.Field)
     assert action.help and action.help != argparse.SUPPRESS
     assert "None" not in action.help  # a None default is described in words
     assert _group_of(flag(field.name)) == field.metadata["group"]
+    assert action.default == argparse.SUPPRESS  # a flag not given leaves the default to others
     if not isinstance(field.default, bool):
-        assert action.default == field.default
+        shown = field.metadata["shown_default"] or str(field.default)
+        assert action.help.endswith(f"(default: {shown})")
 
 
 def test_choices_are_the_literal_annotations_values() -> None:

@@ -1,8 +1,11 @@
 """Command-line flags built from a dataclass's fields (see `lorakit.train.options.option`).
 
 A field `max_length: int` becomes `--max-length`, typed by its annotation; a `Literal` gives
-the flag's choices, a `bool` a `store_true` switch. The help and the `--help` group come from
-the field's metadata, so the dataclass is the one place that lists the options.
+the flag's choices, a `bool` a switch (`--flag`, or `--flag/--no-flag` when it defaults to
+True). The help and the `--help` group come from the field's metadata, so the dataclass is the
+one place that lists the options. A flag not given leaves no attribute in the parsed
+namespace, so `from_args` can tell what the user said from a default (a recipe's defaults sit
+between the two).
 """
 
 from __future__ import annotations
@@ -36,18 +39,18 @@ def argument(field: dataclasses.Field, hint: Any) -> dict[str, Any]:
     """The `add_argument` keywords of one field: type or choices, default, help."""
     help, shown = field.metadata["help"], field.metadata["shown_default"]
     if hint is bool:
-        assert field.default is False, f"{field.name}: a store_true flag needs default False"
-        return {"action": "store_true", "help": help}
+        action = "store_true" if field.default is False else argparse.BooleanOptionalAction
+        return {"action": action, "default": argparse.SUPPRESS, "help": help}
     # Every help names its default once: the value, or words for a default that is a
     # behaviour (argparse alone would print "(default: None)").
     assert field.default is not None or shown, f"{field.name}: a None default needs words"
-    kwargs: dict[str, Any] = {"default": field.default}
+    kwargs: dict[str, Any] = {"default": argparse.SUPPRESS}
     choices = literal_choices(hint)
     if choices is not None:
         kwargs["choices"] = choices
     elif without_none(hint) in (int, float):
         kwargs["type"] = without_none(hint)
-    kwargs["help"] = f"{help} (default: {shown or '%(default)s'})".lstrip()
+    kwargs["help"] = f"{help} (default: {shown or field.default})".lstrip()
     return kwargs
 
 
@@ -59,6 +62,12 @@ def add_arguments(group: argparse._ArgumentGroup, cls: type) -> None:
             group.add_argument(flag(field.name), **argument(field, hints[field.name]))
 
 
-def from_args(cls: type, args: argparse.Namespace) -> Any:
-    """The `cls` instance that parsed arguments describe, one field a flag."""
-    return cls(**{field.name: getattr(args, field.name) for field in dataclasses.fields(cls)})
+def given(cls: type, args: argparse.Namespace) -> dict[str, Any]:
+    """The fields of dataclass `cls` whose flags the parsed arguments hold."""
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
+
+
+def from_args(cls: type, args: argparse.Namespace, defaults: dict[str, Any] | None = None) -> Any:
+    """The `cls` instance that parsed arguments describe: each flag given sets its field, else
+    `defaults` (e.g. a recipe's) does, else the field's own default."""
+    return cls(**{**(defaults or {}), **given(cls, args)})

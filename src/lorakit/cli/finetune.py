@@ -1,16 +1,19 @@
 """`lorakit finetune`: a thin shell over `lorakit.train.finetune`.
 
 With no arguments it runs the embedded demo: LoRA on MiniLM-L6 for sentiment of the VADER
-lexicon's words. Under `torchrun -m lorakit finetune ...` it trains with DDP (or FSDP).
+lexicon's words; `--recipe chat` runs the built-in LLM job (SmolLM2 learns a date format).
+A flag given with a recipe overrides the recipe's value. Under `torchrun -m lorakit finetune
+...` it trains with DDP (or FSDP).
 """
 
 from __future__ import annotations
 
 import argparse
-from typing import get_args
+from typing import Any, get_args
 
 from ..config import Bias, Init, LoraConfig
 from ..train.options import DATA, TRAINING, TrainOptions
+from ..train.recipes import RECIPES, recipe
 from .dataclass_args import add_arguments, from_args
 
 
@@ -27,6 +30,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="finetune a local Hugging Face model with LoRA (no arguments: the built-in demo)",
         description=__doc__,
     )
+    p.add_argument(
+        "--recipe",
+        choices=sorted(RECIPES),
+        help="a whole job by name, its values overridden by the flags given: chat = SmolLM2 "
+        "learns to write dates as YYYY-MM-DD",
+    )
     add_arguments(p.add_argument_group(DATA), TrainOptions)
     _add_lora_arguments(p.add_argument_group("LoRA (see lorakit.LoraConfig)"))
     training = p.add_argument_group(TRAINING)
@@ -37,56 +46,50 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _add_lora_arguments(g: argparse._ArgumentGroup) -> None:
-    """The LoRA flags: a subset of LoraConfig, some spelled for the command line."""
+    """The LoRA flags: a subset of LoraConfig, some spelled for the command line. A flag not
+    given leaves no attribute (see `lora_from_args`)."""
     lora = LoraConfig()
-    g.add_argument("--rank", type=int, default=lora.rank, help="(default: %(default)s)")
-    g.add_argument("--alpha", type=float, default=lora.alpha, help="(default: %(default)s)")
-    g.add_argument("--dropout", type=float, default=lora.dropout, help="(default: %(default)s)")
-    g.add_argument(
-        "--targets",
-        type=_names,
-        default="all-linear",
-        help='"all-linear" or names: query,value (default: %(default)s)',
-    )
-    g.add_argument("--targets-regex", help="one regex over full module paths, instead of --targets")
-    g.add_argument("--exclude", type=_names, default=(), help="names never adapted (default: none)")
-    g.add_argument(
-        "--modules-to-save",
-        type=_names,
-        default=(),
-        help="names trained in full (default: a seq-cls model's head)",
-    )
-    g.add_argument("--use-rslora", action="store_true", help="scale by alpha / sqrt(rank)")
-    g.add_argument(
-        "--bias", choices=get_args(Bias), default=lora.bias, help="(default: %(default)s)"
-    )
-    g.add_argument(
-        "--init", choices=get_args(Init), default=lora.init, help="(default: %(default)s)"
-    )
-    g.add_argument(
+
+    def add(name: str, help: str = "", **kwargs: Any) -> None:
+        g.add_argument(name, default=argparse.SUPPRESS, help=help, **kwargs)
+
+    add("--rank", f"(default: {lora.rank})", type=int)
+    add("--alpha", f"(default: {lora.alpha})", type=float)
+    add("--dropout", f"(default: {lora.dropout})", type=float)
+    add("--targets", '"all-linear" or names: query,value (default: all-linear)', type=_names)
+    add("--targets-regex", "one regex over full module paths, instead of --targets")
+    add("--exclude", "names never adapted (default: none)", type=_names)
+    add("--modules-to-save", "names trained in full (default: a seq-cls model's head)", type=_names)
+    add("--use-rslora", "scale by alpha / sqrt(rank)", action="store_true")
+    add("--bias", f"(default: {lora.bias})", choices=get_args(Bias))
+    add("--init", f"(default: {lora.init})", choices=get_args(Init))
+    add(
         "--dtype",
+        'adapter dtype; "base" follows the base layer (default: float32)',
         choices=("float32", "float64", "bfloat16", "float16", "base"),
-        default="float32",
-        help='adapter dtype; "base" follows the base layer (default: %(default)s)',
     )
+
+
+def lora_from_args(args: argparse.Namespace, defaults: dict[str, Any]) -> LoraConfig:
+    """The LoraConfig of the LoRA flags given, over `defaults` (a recipe's) and LoraConfig's."""
+    given = {k: v for k, v in vars(args).items() if k in _LORA_FLAGS}
+    if "targets_regex" in given:
+        given["targets"] = given.pop("targets_regex")
+    if given.get("dtype") == "base":
+        given["dtype"] = None
+    return LoraConfig(**{**defaults, **given})
+
+
+_LORA_FLAGS = ("rank", "alpha", "dropout", "targets", "targets_regex", "exclude",
+               "modules_to_save", "use_rslora", "bias", "init", "dtype")  # fmt: skip
 
 
 def options_from_args(args: argparse.Namespace) -> tuple[TrainOptions, LoraConfig]:
-    """The TrainOptions and LoraConfig that parsed arguments describe (validated)."""
-    options = from_args(TrainOptions, args)
-    lora = LoraConfig(
-        rank=args.rank,
-        alpha=args.alpha,
-        dropout=args.dropout,
-        targets=args.targets_regex or args.targets,
-        exclude=args.exclude,
-        use_rslora=args.use_rslora,
-        bias=args.bias,
-        modules_to_save=args.modules_to_save,
-        init=args.init,
-        dtype=None if args.dtype == "base" else args.dtype,
-    )
-    return options, lora
+    """The TrainOptions and LoraConfig that parsed arguments describe (validated): the flags
+    given, over the recipe's values (`--recipe`), over the defaults."""
+    chosen = recipe(args.recipe) if getattr(args, "recipe", None) else None
+    options = from_args(TrainOptions, args, chosen.options if chosen else None)
+    return options, lora_from_args(args, chosen.lora if chosen else {})
 
 
 def run(args: argparse.Namespace) -> int:

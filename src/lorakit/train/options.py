@@ -87,12 +87,20 @@ class TrainOptions:
         threads: torch intra-op threads; 0: torch's default, except for the built-in demo,
             which uses 1 (its batches are 32 words of ~3 tokens: a second thread gains little
             and, on a machine busy with other work, makes each step several times slower).
+    Decoder LLMs (causal-lm):
+        gradient_checkpointing: recompute activations in backward (`train.grad_checkpoint`).
+        labelled_logits_only: the head and loss run only on labelled positions
+            (`train.labelled_loss`; same loss and gradients, less time and memory).
+        eval_generate / max_new_tokens: exact match of greedy answers to the first N
+            held-out prompts, before and after training (`train.eval_generate`).
 
     Raises:
         ConfigError: an option is invalid; the message names it.
     """
 
-    model: str | None = option(None, "local model folder", DATA, "the demo's MiniLM-L6")
+    model: str | None = option(
+        None, "local model folder, or smollm2 (SmolLM2-135M-Instruct)", DATA, "the demo's MiniLM-L6"
+    )
     data: str | None = option(None, "training data, .jsonl/.json/.csv", DATA, "the demo's")
     eval_file: str | None = option(None, "held-out data", DATA, "split off --eval-fraction")
     eval_fraction: float = option(0.1, "share of --data held out without --eval-file", DATA)
@@ -140,6 +148,21 @@ class TrainOptions:
     )
     threads: int = option(0, "torch threads; 0: torch's choice, 1 for the demo", TRAINING)
     progress: Progress = option("auto", "", TRAINING)
+    gradient_checkpointing: bool = option(
+        False, "recompute each block's activations in backward: less memory, more time", TRAINING
+    )
+    labelled_logits_only: bool = option(
+        True,
+        "causal-lm: run the output head and the loss only where there are labels (exact)",
+        TRAINING,
+    )
+    eval_generate: int = option(
+        0,
+        "causal-lm: greedy answers to N held-out prompts before and after training, scored "
+        "by exact match; 0: off",
+        TRAINING,
+    )
+    max_new_tokens: int = option(32, "tokens generated per --eval-generate answer", TRAINING)
 
     def __post_init__(self) -> None:
         if self.task is not None:
@@ -157,11 +180,12 @@ class TrainOptions:
             )
         if not 0.0 < self.eval_fraction < 1.0 or isinstance(self.eval_fraction, bool):
             raise ConfigError(f"eval_fraction must be in (0, 1), got {self.eval_fraction!r}")
-        for name in ("max_length", "epochs", "batch_size", "eval_batch_size", "grad_accum"):
+        positive = ("max_length", "epochs", "batch_size", "eval_batch_size", "grad_accum")
+        for name in (*positive, "max_new_tokens"):
             _positive_int(getattr(self, name), name)
         for name in ("max_steps", "warmup_steps", "eval_every", "log_every", "save_every"):
             _positive_int(getattr(self, name), name, allow_zero=True)
-        for name in ("keep_checkpoints", "threads", "seed"):
+        for name in ("keep_checkpoints", "threads", "seed", "eval_generate"):
             _positive_int(getattr(self, name), name, allow_zero=True)
         if self.keep_checkpoints < 1:
             raise ConfigError(f"keep_checkpoints must be at least 1, got {self.keep_checkpoints}")
