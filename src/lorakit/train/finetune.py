@@ -12,9 +12,10 @@ from torch import nn
 from ..config import LoraConfig
 from ..errors import LorakitError
 from .distributed import DistEnv, barrier, broadcast_object, setup, teardown
-from .finetune_data import prepare_data
+from .eval_generate import GenerationScore, check_references, score_generation
+from .finetune_data import FinetuneData, prepare_data
 from .finetune_inputs import resolve_inputs
-from .finetune_model import prepare_model
+from .finetune_model import AdaptedModel, prepare_model
 from .finetune_outputs import FinetuneResult, write_outputs
 from .loop import train
 from .options import TrainOptions
@@ -62,7 +63,9 @@ def _finetune(
     _check_out(options, env)  # before anything is written (the demo writes out/data)
     inputs = resolve_inputs(options, env)
     data = prepare_data(options, inputs)
+    check_references(data.eval_records, data.tokenizer, data.eval_file, options.eval_generate)
     adapted = prepare_model(options, lora, inputs, data)
+    before = None if options.resume else _generation_score(options, env, data, adapted, "before")
     result = train(
         adapted.model, data.train, data.eval, options,
         task=inputs.task, collate_fn=data.collator, env=env,
@@ -72,7 +75,8 @@ def _finetune(
     barrier(env)
     if not env.is_main:
         return None
-    return write_outputs(options, env, inputs, data, adapted, result)
+    after = _generation_score(options, env, data, adapted, "after")
+    return write_outputs(options, env, inputs, data, adapted, result, (before, after))
 
 
 def _check_out(options: TrainOptions, env: DistEnv) -> None:
@@ -86,6 +90,21 @@ def _check_out(options: TrainOptions, env: DistEnv) -> None:
     error = broadcast_object(env, error)
     if error is not None:
         raise error
+
+
+def _generation_score(
+    options: TrainOptions, env: DistEnv, data: FinetuneData, adapted: AdaptedModel, when: str
+) -> GenerationScore | None:
+    """Exact match of greedy answers to the first `eval_generate` held-out prompts (rank 0;
+    None when off)."""
+    if not options.eval_generate or not env.is_main:
+        return None
+    score = score_generation(
+        adapted.model, data.tokenizer, data.eval_records, data.eval_file,
+        options.eval_generate, options.max_new_tokens,
+    )  # fmt: skip
+    print(f"exact match {when} training: {score.exact_match:.2f} ({score.n} prompts)", flush=True)
+    return score
 
 
 def _dump_params(model: nn.Module, options: TrainOptions, env: DistEnv, folder: Path) -> None:

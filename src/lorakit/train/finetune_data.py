@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .data import (
     CausalLMDataset,
@@ -25,8 +26,8 @@ from .options import TrainOptions
 @dataclass(frozen=True)
 class FinetuneData:
     """Train and eval datasets, their collator, the tokenizer's pad id, the label map
-    (seq-cls; else None) and the file the eval examples come from (the data file itself
-    when they were split from it)."""
+    (seq-cls; else None), the file the eval examples come from (the data file itself
+    when they were split from it), the eval records as read, and the tokenizer."""
 
     train: SeqClsDataset | CausalLMDataset
     eval: SeqClsDataset | CausalLMDataset
@@ -34,6 +35,8 @@ class FinetuneData:
     pad: int
     label_map: dict[str, int] | None
     eval_file: Path
+    eval_records: list[Record]
+    tokenizer: Any
 
 
 def prepare_data(options: TrainOptions, inputs: FinetuneInputs) -> FinetuneData:
@@ -55,7 +58,9 @@ def prepare_data(options: TrainOptions, inputs: FinetuneInputs) -> FinetuneData:
         eval_data = CausalLMDataset(eval_records, tokenizer, n, eval_file, side)
     pad = pad_token_id(tokenizer)
     collator = Collator(pad, pad_to=n if options.padding == "max-length" else None)
-    return FinetuneData(train_data, eval_data, collator, pad, label_map, eval_file)
+    return FinetuneData(
+        train_data, eval_data, collator, pad, label_map, eval_file, eval_records, tokenizer
+    )
 
 
 def _read(options: TrainOptions, inputs: FinetuneInputs) -> tuple[list[Record], list[Record], Path]:

@@ -33,6 +33,10 @@ def resolve_inputs(options: TrainOptions, env: DistEnv) -> FinetuneInputs:
     config = read_model_config(model_dir)
     # The demo model's config names only the bare encoder (BertModel): the demo is seq-cls.
     task = infer_task(config, options.task or (None if options.model else "seq-cls"), model_dir)
+    if options.eval_generate and task != "causal-lm":
+        raise ConfigError(
+            f"eval_generate scores generated answers, which needs task 'causal-lm', not {task!r}"
+        )
     if options.data is not None:
         eval_file = Path(options.eval_file) if options.eval_file else None
         return FinetuneInputs(model_dir, Path(options.data), eval_file, task)

@@ -14,6 +14,7 @@ from ..inject import inject
 from ..overview import InjectionReport
 from .finetune_data import FinetuneData
 from .finetune_inputs import FinetuneInputs
+from .grad_checkpoint import enable_gradient_checkpointing
 from .model import load_model
 from .options import TrainOptions
 from .precision import load_dtype, upcast
@@ -36,8 +37,8 @@ class AdaptedModel:
 def prepare_model(
     options: TrainOptions, lora: LoraConfig | None, inputs: FinetuneInputs, data: FinetuneData
 ) -> AdaptedModel:
-    """Load the model and inject `lora` (default `DEFAULT_LORA`); in bf16 the parts trained
-    in full are kept in float32."""
+    """Load the model and inject `lora` (default `DEFAULT_LORA`), with gradient checkpointing
+    if asked; in bf16 the parts trained in full are kept in float32."""
     torch.manual_seed(options.seed)  # the head's and the adapter's initial values
     model = load_model(inputs.model_dir, inputs.task, data.label_map, load_dtype(options.precision))
     if getattr(model.config, "pad_token_id", None) is None:
@@ -46,6 +47,8 @@ def prepare_model(
     if inputs.task == "seq-cls" and not lora.modules_to_save:
         lora = _with_head(lora, model)
     report = inject(model, lora)
+    if options.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     if options.precision == "bf16":
         upcast([model.get_submodule(path) for path in report.modules_to_save])
     return AdaptedModel(model, lora, report)

@@ -14,14 +14,16 @@ from torch import nn
 from ..checkpoint.atomic import atomic_folder
 from ..overview import InjectionReport
 from .distributed import DistEnv
+from .eval_generate import GenerationScore
 from .evaluate import METRIC, majority_accuracy
 from .finetune_data import FinetuneData
 from .finetune_inputs import FinetuneInputs
 from .finetune_model import AdaptedModel
 from .loop import TrainResult
 from .options import Task, TrainOptions
-from .report import plot, table
+from .report import append_metrics, plot, table
 
+Scores = tuple["GenerationScore | None", "GenerationScore | None"]
 ADAPTER_DIR = "adapter"
 RUN_FILE = "run.json"
 
@@ -49,8 +51,10 @@ def write_outputs(
     data: FinetuneData,
     adapted: AdaptedModel,
     result: TrainResult,
+    generation: Scores = (None, None),
 ) -> FinetuneResult:
-    """Publish the final adapter, write run.json and the plot, print the summary (rank 0)."""
+    """Publish the final adapter, write run.json and the plot, print the summary (rank 0).
+    `generation`: exact match of generated answers before and after training (or None)."""
     out, task = Path(options.out), inputs.task
     adapter = _publish_adapter(result.checkpoint, out / ADAPTER_DIR)
     baseline = None
@@ -58,10 +62,12 @@ def write_outputs(
         train_labels = [ex["labels"] for ex in data.train.examples]
         baseline = majority_accuracy(train_labels, [ex["labels"] for ex in data.eval.examples])
     run_info = _run_info(options, env, inputs, data, adapted, result, baseline)
+    run_info["eval_generate"] = _log_generation(out, generation, result.steps)
     (out / RUN_FILE).write_text(json.dumps(run_info, indent=2, default=str) + "\n")
     drawn = plot(out, METRIC[task])
     n_train, n_eval = len(data.train), len(data.eval)
     summary = _summary(options, task, adapted.report, result, baseline, n_train, n_eval, env, drawn)
+    summary += generation_table(generation)
     print(summary, flush=True)
     return FinetuneResult(
         out=out,
@@ -83,6 +89,37 @@ def _publish_adapter(checkpoint: Path | None, dest: Path) -> Path:
     with atomic_folder(dest) as tmp:
         shutil.copytree(checkpoint / "adapter", tmp, dirs_exist_ok=True)
     return dest
+
+
+def _log_generation(out: Path, generation: Scores, steps: int) -> dict[str, Any] | None:
+    """Append the exact-match scores to metrics.jsonl; their run.json entry (None if off)."""
+    before, after = generation
+    if before is None and after is None:
+        return None
+    entry = {}
+    for when, score, step in (("before", before, 0), ("after", after, steps)):
+        if score is not None:
+            entry[when] = asdict(score)
+            record = {"step": step, "event": f"eval_generate {when}"}
+            append_metrics(out, {**record, "exact_match": score.exact_match, "n": score.n})
+    return entry
+
+
+def generation_table(generation: Scores) -> str:
+    """Summary lines: exact match before -> after, and the first answers side by side."""
+    before, after = generation
+    if after is None:
+        return ""
+    was = f"{before.exact_match:.2f} before -> " if before is not None else ""
+    rows = [("exact match", f"{was}{after.exact_match:.2f} after ({after.n} held-out prompts)")]
+    for i, answer in enumerate(after.examples):
+        then = f"before {before.examples[i].answer.strip()!r}, " if before is not None else ""
+        rows.append((
+            f"example {i + 1}",
+            f"{answer.question!r}: {then}after {answer.answer.strip()!r} "
+            f"(expected {answer.reference!r})",
+        ))  # fmt: skip
+    return "\n" + table(rows)
 
 
 def _run_info(

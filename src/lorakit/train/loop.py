@@ -8,6 +8,7 @@ same batches, in the same order, with the same random state as an uninterrupted 
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from .after_step import after_step, save
 from .data_order import remaining_windows
 from .distributed import DistEnv
 from .divergence import diverged
+from .labelled_loss import labelled_logits_only
 from .options import Task, TrainOptions
 from .run import Collate, Run, setup_run
 from .run_report import RunReport, report_eval
@@ -76,15 +78,30 @@ def train(
     state, report = start_or_resume(run)
     run.wrapped.train()
     try:
-        for window in remaining_windows(run, state):
-            figures = train_step(run, window)
-            if figures.diverged:
-                raise diverged(state, figures, report)
-            state.advance(figures, len(window))
-            after_step(run, state, figures, report)
+        with _labelled_logits(model, task, options):
+            _train_steps(run, state, report)
     finally:
         report.progress.close()
     return _finish(run, state, report)
+
+
+def _train_steps(run: Run, state: RunState, report: RunReport) -> None:
+    """The steps left: each one, its divergence check, then logging, evals and saves."""
+    for window in remaining_windows(run, state):
+        figures = train_step(run, window)
+        if figures.diverged:
+            raise diverged(state, figures, report)
+        state.advance(figures, len(window))
+        after_step(run, state, figures, report)
+
+
+def _labelled_logits(
+    model: nn.Module, task: Task, options: TrainOptions
+) -> contextlib.AbstractContextManager:
+    """For causal-lm, the head and loss on labelled positions only (`labelled_loss`)."""
+    if task == "causal-lm" and options.labelled_logits_only:
+        return labelled_logits_only(model)
+    return contextlib.nullcontext()
 
 
 def _finish(run: Run, state: RunState, report: RunReport) -> TrainResult:

@@ -178,6 +178,11 @@ class TrainOptions:
                 "parameter dtype, and bf16 mixes a bfloat16 base with float32 adapters; use "
                 "DDP (no --fsdp) or precision='fp32'"
             )
+        if self.eval_generate and self.fsdp:
+            raise ConfigError(
+                "eval_generate with fsdp is not supported: generation runs on rank 0 with the "
+                "whole model; use DDP (no --fsdp)"
+            )
         if not 0.0 < self.eval_fraction < 1.0 or isinstance(self.eval_fraction, bool):
             raise ConfigError(f"eval_fraction must be in (0, 1), got {self.eval_fraction!r}")
         positive = ("max_length", "epochs", "batch_size", "eval_batch_size", "grad_accum")

@@ -31,8 +31,13 @@ class MetricsLog:
         atomic_write(self.path, text.encode("utf-8"))
 
     def write(self, record: dict[str, Any]) -> None:
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+        append_metrics(self.path.parent, record)
+
+
+def append_metrics(out: str | Path, record: dict[str, Any]) -> None:
+    """Append one record to `out`/metrics.jsonl."""
+    with open(Path(out) / METRICS_FILE, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
