@@ -7,7 +7,7 @@ import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, NoReturn
+from typing import Literal, NoReturn, get_args
 
 import torch
 
@@ -18,8 +18,6 @@ Bias = Literal["none", "all", "lora_only"]
 Init = Literal["kaiming", "gaussian", "zeros"]
 ALL_LINEAR = "all-linear"
 
-_BIAS = ("none", "all", "lora_only")
-_INIT = ("kaiming", "gaussian", "zeros")
 # Dtypes adapters can be initialised and computed in (float8 kernels lack both).
 ADAPTER_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # Largest alpha accepted: the scale alpha / rank multiplies every adapter output, so a huge
@@ -205,8 +203,8 @@ class LoraConfig:
         set_(self, "alpha_pattern", FrozenDict(alphas))
         if not isinstance(self.use_rslora, bool):
             raise ConfigError(f"use_rslora must be a bool, got {self.use_rslora!r}")
-        check_choice(self.bias, "bias", _BIAS)
-        check_choice(self.init, "init", _INIT)
+        check_choice(self.bias, "bias", get_args(Bias))
+        check_choice(self.init, "init", get_args(Init))
         set_(self, "dtype", _as_dtype(self.dtype))
 
     def for_module(self, module_name: str) -> LoraConfig:

@@ -17,7 +17,6 @@ import torch
 from torch import nn
 
 Precision = Literal["fp32", "bf16"]
-PRECISIONS = ("fp32", "bf16")
 
 
 def load_dtype(precision: Precision) -> torch.dtype | None:

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from .records import DataError, Record, where
 
 TruncationSide = Literal["right", "left"]
-TRUNCATION_SIDES = ("right", "left")
+TRUNCATION_SIDES: tuple[TruncationSide, ...] = get_args(TruncationSide)
 
 IGNORE_INDEX = -100
 """Label value ignored by PyTorch / Hugging Face cross-entropy losses."""
