@@ -66,8 +66,10 @@ def write_outputs(
     (out / RUN_FILE).write_text(json.dumps(run_info, indent=2, default=str) + "\n")
     drawn = plot(out, METRIC[task])
     n_train, n_eval = len(data.train), len(data.eval)
-    summary = _summary(options, task, adapted.report, result, baseline, n_train, n_eval, env, drawn)
-    summary += generation_table(generation)
+    rows = _summary_rows(
+        options, task, adapted.report, result, baseline, n_train, n_eval, env, drawn
+    )
+    summary = table(rows + generation_rows(generation))
     print(summary, flush=True)
     return FinetuneResult(
         out=out,
@@ -105,11 +107,11 @@ def _log_generation(out: Path, generation: Scores, steps: int) -> dict[str, Any]
     return entry
 
 
-def generation_table(generation: Scores) -> str:
-    """Summary lines: exact match before -> after, and the first answers side by side."""
+def generation_rows(generation: Scores) -> list[tuple[str, str]]:
+    """Summary rows: exact match before -> after, and the first answers side by side."""
     before, after = generation
     if after is None:
-        return ""
+        return []
     was = f"{before.exact_match:.2f} before -> " if before is not None else ""
     rows = [("exact match", f"{was}{after.exact_match:.2f} after ({after.n} held-out prompts)")]
     for i, answer in enumerate(after.examples):
@@ -119,7 +121,7 @@ def generation_table(generation: Scores) -> str:
             f"{answer.question!r}: {then}after {answer.answer.strip()!r} "
             f"(expected {answer.reference!r})",
         ))  # fmt: skip
-    return "\n" + table(rows)
+    return rows
 
 
 def _run_info(
@@ -151,7 +153,7 @@ def _run_info(
     }
 
 
-def _summary(
+def _summary_rows(
     options: TrainOptions,
     task: Task,
     report: InjectionReport,
@@ -161,7 +163,8 @@ def _summary(
     n_eval: int,
     env: DistEnv,
     drawn: Path | None,
-) -> str:
+) -> list[tuple[str, str]]:
+    """The summary's rows: what was trained, how long it took, and how it went."""
     share = 100.0 * report.trainable / report.total if report.total else 0.0
     batch = options.batch_size * options.grad_accum * env.world_size
     demo = " (VADER lexicon words, built-in demo)" if options.data is None else ""
@@ -184,4 +187,4 @@ def _summary(
         ("adapter", str(out / ADAPTER_DIR)),
         ("metrics / plot", f"{out / 'metrics.jsonl'} / {drawn or 'none (no matplotlib)'}"),
     ]
-    return table([(k, str(v)) for k, v in rows])
+    return [(k, str(v)) for k, v in rows]
