@@ -104,3 +104,38 @@ def test_models_it_cannot_serve_are_left_alone() -> None:
         assert not supports_labelled_loss(model)
         with labelled_logits_only(model) as active:
             assert not active and "forward" not in vars(model)
+
+
+def test_a_nested_block_leaves_the_outer_one_in_charge() -> None:
+    model = _adapted(tiny_llama)
+    batch = _batch(model.config.vocab_size)
+    with labelled_logits_only(model):
+        outer = model.forward
+        with labelled_logits_only(model) as active:
+            assert active and model.forward is outer
+        assert model.forward is outer and model(**batch).logits is None
+    assert "forward" not in vars(model)
+
+
+@pytest.mark.parametrize("batch_size", [1, 3])
+@pytest.mark.parametrize("name", ["llama", "llama-tied", "gpt2"])
+def test_evaluate_gives_the_full_logits_loss(name: str, batch_size: int) -> None:
+    """evaluate() runs the head at labelled positions only; its loss is the full one's, also
+    with rows that are shard padding (keep False) and a batch with no labelled row."""
+    from lorakit.train import DistEnv, evaluate
+    from lorakit.train.data import Collator
+
+    model = _adapted(MODELS[name]).eval()
+    batch = _batch(model.config.vocab_size)
+    rows = [{k: v[i][batch["attention_mask"][i] == 1].tolist() for k, v in batch.items()
+             if k != "attention_mask"} for i in range(3)]  # fmt: skip
+    rows.append({"input_ids": [5, 6, 7], "labels": [-100, -100, -100]})
+    env, collate = DistEnv(), Collator(0)
+    got = evaluate(model, rows, "causal-lm", collate, env, batch_size=batch_size)
+    full = collate(rows)
+    logits = model(input_ids=full["input_ids"], attention_mask=full["attention_mask"]).logits
+    want = torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]), full["labels"][:, 1:].reshape(-1)
+    )
+    assert got["loss"] == pytest.approx(want.item(), rel=1e-5)
+    assert "forward" not in vars(model)

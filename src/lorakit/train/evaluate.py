@@ -17,7 +17,10 @@ from torch.utils.data import Dataset
 
 from .data import IGNORE_INDEX
 from .distributed import DistEnv, all_sum
+from .labelled_loss import labelled_logits_only
 from .options import Task
+
+Batch = dict[str, torch.Tensor]
 
 METRIC = {"seq-cls": "accuracy", "causal-lm": "perplexity"}
 
@@ -51,8 +54,7 @@ def evaluate(
         batch = {k: v.to(env.device) for k, v in collate_fn([data[i] for i in rows]).items()}
         labels = batch.pop("labels")
         keep = torch.arange(start, start + len(rows), device=env.device) < real
-        logits = model(**batch).logits.float()
-        sums = _BATCH_SUMS[task](logits, labels, keep)
+        sums = _BATCH_SUMS[task](model, batch, labels, keep)
         totals = [total + value for total, value in zip(totals, sums)]
     loss_sum, correct, count = all_sum(env, totals)
     model.train(was_training)
@@ -60,19 +62,27 @@ def evaluate(
 
 
 def _seq_cls_sums(
-    logits: torch.Tensor, labels: torch.Tensor, keep: torch.Tensor
+    model: nn.Module, batch: Batch, labels: torch.Tensor, keep: torch.Tensor
 ) -> tuple[float, float, float]:
     """Over the kept rows: (sum of the losses, correct predictions, examples)."""
+    logits = model(**batch).logits.float()
     loss_sum = F.cross_entropy(logits, labels, reduction="none")[keep].sum().item()
     correct = (logits.argmax(-1) == labels)[keep].sum().item()
     return loss_sum, correct, keep.sum().item()
 
 
 def _causal_lm_sums(
-    logits: torch.Tensor, labels: torch.Tensor, keep: torch.Tensor
+    model: nn.Module, batch: Batch, labels: torch.Tensor, keep: torch.Tensor
 ) -> tuple[float, float, float]:
-    """Over the kept rows: (sum of the completion tokens' losses, 0, completion tokens)."""
+    """Over the kept rows: (sum of the completion tokens' losses, 0, completion tokens); the
+    head runs only at labelled positions where `supports_labelled_loss` allows."""
     labels = labels.masked_fill(~keep[:, None], IGNORE_INDEX)
+    count = (labels[:, 1:] != IGNORE_INDEX).sum().item()
+    with labelled_logits_only(model) as only_labelled:
+        if only_labelled:  # every rank runs the forward, even one with no labelled row
+            mean = model(**batch, labels=labels).loss.item()
+            return (mean * count if count else 0.0), 0.0, count
+    logits = model(**batch).logits.float()
     # token t predicts token t + 1
     shifted, targets = logits[:, :-1], labels[:, 1:]
     loss_sum = F.cross_entropy(

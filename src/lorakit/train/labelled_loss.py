@@ -74,6 +74,9 @@ def labelled_logits_only(model: nn.Module) -> Iterator[bool]:
     `labelled_loss`; calls without labels run the model's own forward. Yields False (and
     changes nothing) for a model `supports_labelled_loss` rejects. Works under DDP/FSDP
     wrappers, which call the model's `forward`."""
+    if getattr(model.forward, "labelled_logits_only", False):
+        yield True  # already inside such a block: it stays in charge
+        return
     if not supports_labelled_loss(model):
         yield False
         return
@@ -85,6 +88,7 @@ def labelled_logits_only(model: nn.Module) -> Iterator[bool]:
             return own_forward(*args, labels=labels, **inputs)
         return SimpleNamespace(loss=labelled_loss(model, labels, **inputs), logits=None)
 
+    forward.labelled_logits_only = True  # type: ignore[attr-defined]
     model.forward = forward
     try:
         yield True
