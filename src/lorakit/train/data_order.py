@@ -1,5 +1,6 @@
 """The order a run sees its data in: a seeded permutation per epoch (`DistributedSampler`'s,
-also with one process), cut into micro-batches and grouped into optimizer steps."""
+also with one process), cut into micro-batches (of similar lengths with `batching="by-length"`,
+see `length_groups`) and grouped into optimizer steps."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from collections.abc import Iterator
 from torch.utils.data import Dataset, DistributedSampler
 
 from .distributed import DistEnv
+from .length_groups import micro_batches
 from .options import TrainOptions
 from .run import Run
 from .run_state import RunState
@@ -24,8 +26,7 @@ def windows(
         data, num_replicas=env.world_size, rank=env.rank, shuffle=True, seed=options.seed
     )
     sampler.set_epoch(epoch)
-    order = list(sampler)
-    micro = [order[i : i + options.batch_size] for i in range(0, len(order), options.batch_size)]
+    micro = micro_batches(data, list(sampler), options, epoch)
     for start in range(skip, len(micro), options.grad_accum):
         yield micro[start : start + options.grad_accum]
 

@@ -21,6 +21,7 @@ Task = Literal["seq-cls", "causal-lm"]
 Schedule = Literal["linear", "cosine", "constant"]
 Progress = Literal["auto", "bar", "lines", "none"]
 Padding = Literal["longest", "max-length"]
+Batching = Literal["by-length", "random", "packed"]
 
 TASKS: tuple[Task, ...] = get_args(Task)
 
@@ -66,6 +67,11 @@ class TrainOptions:
         max_length: tokens per example after truncation.
         padding: "longest" pads each batch to its longest example; "max-length" pads
             every batch to `max_length` (fixed shapes).
+        batching: "by-length" builds each micro-batch from examples of similar length
+            (`train.length_groups`); "random" as they come in the seeded order; "packed"
+            (causal-lm) packs a random micro-batch's examples into rows of `max_length`,
+            each example attending only to itself (`train.packing`; the loss of the
+            micro-batch is the unpacked one's). All follow from the seed, so resume works.
         truncation_side: "right" cuts an over-long example's end, "left" its start (for
             prompt + completion: the prompt's start, keeping the whole completion).
     Optimisation (AdamW; lr warms up linearly for `warmup_steps`, then follows `schedule`
@@ -110,6 +116,12 @@ class TrainOptions:
         "longest",
         "longest: pad each batch to its longest example; max-length: pad every batch to "
         "--max-length",
+        DATA,
+    )
+    batching: Batching = option(
+        "by-length",
+        "by-length: micro-batches of examples of similar length; random: as they come; "
+        "packed (causal-lm): a micro-batch's examples packed into rows of --max-length",
         DATA,
     )
     truncation_side: TruncationSide = option(
@@ -170,6 +182,7 @@ class TrainOptions:
         check_choice(self.schedule, "schedule", get_args(Schedule))
         check_choice(self.progress, "progress", get_args(Progress))
         check_choice(self.padding, "padding", get_args(Padding))
+        check_choice(self.batching, "batching", get_args(Batching))
         check_choice(self.truncation_side, "truncation_side", get_args(TruncationSide))
         check_choice(self.precision, "precision", get_args(Precision))
         if self.precision == "bf16" and self.fsdp:
