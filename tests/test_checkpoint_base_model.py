@@ -196,12 +196,16 @@ def test_merge_uses_the_stored_base_task_and_labels(tmp_path: Path, capsys) -> N
         torch.testing.assert_close(merged(IDS).logits, model(IDS).logits, rtol=0, atol=1e-5)
 
 
-def test_merge_without_base_needs_a_recorded_one(tmp_path: Path, capsys) -> None:
-    _save(_plain, {"targets": ("0",)}, tmp_path / "adapter")
+@pytest.mark.parametrize(("base", "message"), [
+    (None, "does not record its base model (base_model_name_or_path); pass --base MODEL_DIR"),
+    ("gone/model", "records the base model 'gone/model', which is not a folder here; pass --base"),
+])  # fmt: skip
+def test_merge_without_base_needs_a_recorded_folder(base, message, tmp_path, capsys) -> None:
+    _save(_plain, {"targets": ("0",)}, tmp_path / "adapter", base_model=base)
     assert main(["merge", "--adapter", str(tmp_path / "adapter"), "--out",
                  str(tmp_path / "o")]) == 2  # fmt: skip
-    err = capsys.readouterr().err
-    assert "does not record its base model (base_model_name_or_path); pass --base" in err
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
 
 
 def test_finetune_records_the_model_as_given(tmp_path: Path, monkeypatch) -> None:

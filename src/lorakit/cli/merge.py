@@ -36,8 +36,6 @@ from ..tree import lora_layers
 # Files of a model folder that describe the weights; everything else (tokenizer, generation
 # config, README) is copied from the base folder when save_pretrained did not write it.
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".index.json", ".h5", ".msgpack")
-# PEFT's task_type values for the tasks lorakit trains.
-_PEFT_TASKS = {"SEQ_CLS": "seq-cls", "CAUSAL_LM": "causal-lm"}
 RUN_FILE = "run.json"  # written by `lorakit finetune` beside its adapter folder
 _PEFT_PREFIX = "base_model.model."
 
@@ -84,12 +82,11 @@ def _load_by_architecture(model_dir: Path) -> nn.Module:
 
 
 def adapter_task(
-    folder: Path, raw: dict[str, Any], task: str | None, stored: BaseModelInfo | None = None
+    folder: Path, task: str | None, stored: BaseModelInfo
 ) -> tuple[str | None, dict[str, int] | None]:
     """(task, labels) of the adapter in `folder`: --task, else the task and labels the adapter
     records (`stored`: PEFT's task_type, lorakit_id2label), else finetune's run.json beside
     the folder."""
-    stored = stored or BaseModelInfo(task_type=raw.get("task_type"))
     run = _read_run(folder.parent / RUN_FILE)
     task = task or stored.task or run.get("task")
     if task != "seq-cls":
@@ -101,7 +98,7 @@ def base_folder(base: Path | None, stored: BaseModelInfo, adapter: Path) -> Path
     """--base, else the base model the adapter records (a folder, or the "smollm2" alias).
 
     Raises:
-        CheckpointError: no --base and the adapter records none.
+        CheckpointError: no --base and the adapter records no base, or one not found here.
     """
     if base is not None:
         return base
@@ -110,6 +107,9 @@ def base_folder(base: Path | None, stored: BaseModelInfo, adapter: Path) -> Path
                               "(base_model_name_or_path); pass --base MODEL_DIR")  # fmt: skip
     if stored.name_or_path == SMOLLM2:
         return resolve_model(SMOLLM2)
+    if not Path(stored.name_or_path).is_dir():
+        raise CheckpointError(f"{adapter} records the base model {stored.name_or_path!r}, which "
+                              "is not a folder here; pass --base MODEL_DIR")  # fmt: skip
     return Path(stored.name_or_path)
 
 
@@ -188,7 +188,7 @@ def merge_folder(
     # Read and check the adapter first: it is small, the model is not.
     folder, raw, tensors, metadata = read_adapter(adapter, adapter_name, allow_pickle=allow_pickle)
     stored = read_base(raw, metadata, folder, _weights(folder))
-    task, labels = adapter_task(folder, raw, task, stored)
+    task, labels = adapter_task(folder, task, stored)
     base = base_folder(base, stored, adapter)
     try:
         # made first, so an unwritable --out fails before the model loads; owner-only as ever
