@@ -138,6 +138,10 @@ class TrainOptions:
     grad_accum: int = option(1, "micro-batches per optimizer step", TRAINING)
     lr: float = option(1e-3, "peak learning rate", TRAINING)
     weight_decay: float = option(0.0, "", TRAINING)
+    loraplus_ratio: float = option(
+        1.0, "LoRA+: lora_B's learning rate over lora_A's (1: plain LoRA; the paper uses 16)",
+        TRAINING,
+    )
     warmup_steps: int = option(10, "", TRAINING)
     schedule: Schedule = option("linear", "lr after warmup", TRAINING)
     max_grad_norm: float = option(1.0, "0: no clipping", TRAINING)
@@ -210,6 +214,7 @@ class TrainOptions:
         if _number(self.lr, "lr", 0.0) == 0.0:
             raise ConfigError(f"lr must be positive, got {self.lr!r}")
         _number(self.weight_decay, "weight_decay", 0.0)
+        _number(self.loraplus_ratio, "loraplus_ratio", 1e-12)
         _number(self.max_grad_norm, "max_grad_norm", 0.0)
         if not self.out:
             raise ConfigError("out must name a folder, got ''")

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from ..optim import param_groups
 from .distributed import DistEnv, unwrap, wrap_model
 from .evaluate import evaluate
 from .options import Task, TrainOptions
@@ -67,7 +68,8 @@ def setup_run(
         torch.set_num_threads(options.threads)
     wrapped = wrap_model(model, env, fsdp=options.fsdp)
     params = [p for p in wrapped.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=options.lr, weight_decay=options.weight_decay)
+    groups = param_groups(wrapped, options.lr, options.loraplus_ratio, options.weight_decay)
+    optimizer = torch.optim.AdamW(groups, lr=options.lr)
     total = total_steps(len(train_data), options, env.world_size)
     schedule = WarmupDecay(min(options.warmup_steps, total), total, options.schedule)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
