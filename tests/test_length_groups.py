@@ -133,6 +133,11 @@ def test_a_resumed_run_sees_the_uninterrupted_batches(stop: int) -> None:
     assert head + _train(data, options, 60, resumed) == whole
 
 
+def test_packed_batches_are_grouped_by_length_too() -> None:
+    data, env = _data(), DistEnv()
+    assert _micro(data, _options(batching="packed"), env) == _micro(data, _options(), env)
+
+
 def test_an_unknown_batching_is_refused_by_name() -> None:
     with pytest.raises(ConfigError, match="batching"):
         TrainOptions(batching="sorted")

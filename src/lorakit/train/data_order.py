@@ -1,7 +1,7 @@
 """The order a run sees its data in: a seeded permutation per epoch (`DistributedSampler`'s,
 also with one process), dealt out to the ranks as `DistributedSampler` deals it, cut into
-micro-batches and grouped into optimizer steps. With `batching="by-length"` the permutation is
-first rearranged into steps of examples of similar length (`length_groups`)."""
+micro-batches and grouped into optimizer steps. With `batching="by-length"` (and "packed") the
+permutation is first rearranged into steps of examples of similar length (`length_groups`)."""
 
 from __future__ import annotations
 
@@ -38,11 +38,12 @@ def _deal(order: list[int], world_size: int, rank: int) -> list[int]:
 
 
 def micro_batches(data: Dataset, options: TrainOptions, env: DistEnv, epoch: int) -> Window:
-    """This rank's micro-batches of `epoch`, in order: with `batching="by-length"` the
-    permutation is first rearranged into optimizer steps (all ranks' micro-batches) of
-    examples of similar length, so a step holds the same examples with any world size."""
+    """This rank's micro-batches of `epoch`, in order. With `batching="by-length"` or
+    "packed" (whose rows fill best with examples of similar length) the permutation is first
+    rearranged into optimizer steps (all ranks' micro-batches) of examples of similar length,
+    so a step holds the same examples with any world size."""
     order = _permutation(data, options, epoch)
-    if options.batching == "by-length":
+    if options.batching in ("by-length", "packed"):
         step = options.batch_size * options.grad_accum * env.world_size
         order = grouped_order(data, order, step, options.seed, epoch) or order
     return cut(_deal(order, env.world_size, env.rank), options.batch_size)

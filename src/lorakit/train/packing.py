@@ -1,5 +1,7 @@
 """Packing: a micro-batch's causal-LM examples laid end to end in a few rows, not one row each.
 
+The micro-batches are grouped by length first (`data_order`), so the rows come out nearly full.
+
 Each row holds whole examples (first-fit decreasing into rows of `max_length` tokens), with
 position ids restarting at 0 for each example and no attention mask: `transformers` then
 reads the example boundaries from the position ids and lets each token attend only to the
