@@ -69,9 +69,9 @@ class TrainOptions:
             every batch to `max_length` (fixed shapes).
         batching: "by-length" builds each micro-batch from examples of similar length
             (`train.length_groups`); "random" as they come in the seeded order; "packed"
-            (causal-lm) packs a random micro-batch's examples into rows of `max_length`,
-            each example attending only to itself (`train.packing`; the loss of the
-            micro-batch is the unpacked one's). All follow from the seed, so resume works.
+            (causal-lm) also groups by length, then packs each micro-batch's examples into
+            rows of `max_length`, each example attending only to itself (`train.packing`;
+            the loss is the unpacked micro-batch's). All follow from the seed (resume works).
         truncation_side: "right" cuts an over-long example's end, "left" its start (for
             prompt + completion: the prompt's start, keeping the whole completion).
     Optimisation (AdamW; lr warms up linearly for `warmup_steps`, then follows `schedule`
@@ -121,7 +121,7 @@ class TrainOptions:
     batching: Batching = option(
         "by-length",
         "by-length: micro-batches of examples of similar length; random: as they come; "
-        "packed (causal-lm): a micro-batch's examples packed into rows of --max-length",
+        "packed (causal-lm): by-length, then each micro-batch packed into rows of --max-length",
         DATA,
     )
     truncation_side: TruncationSide = option(
