@@ -86,10 +86,11 @@ def test_merge_and_unload_after_cpu_inference_repacking():
 
     Repacking stores the block scales in bfloat16, so the weight read back is the original
     one to bfloat16's precision in the scales (relative 2**-8), not to the last bit."""
-    model, x = adapted("nf4"), inputs()
-    model.eval()
+    model, x = quantized_mlp("nf4").eval(), inputs()
     with torch.no_grad():
         model(x)  # eval + no grad: where bitsandbytes repacks (on AVX512-BF16 CPUs)
+    lorakit.inject(model, CONFIG)
+    randomise_lora(model)
     want = dequantized_weight(quantized_mlp("nf4")[0]) + model[0].delta_weight("default")
     merged = lorakit.merge_and_unload(model)
     torch.testing.assert_close(merged[0].weight, want, rtol=1e-2, atol=1e-3)

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import peft
 import pytest
+import qlora_models
 import torch
 from conftest import randomise_lora
-from tiny_hf import copy_tokenizer
 from torch import nn
-from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 import lorakit
 
@@ -34,24 +34,7 @@ QUANTIZATION = {
 
 @pytest.fixture(scope="module")
 def llama_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny random Llama whose layer inputs are multiples of bitsandbytes' 4-bit block (64):
-    its CPU inference path (eval, no grad) cannot repack narrower weights."""
-    folder = tmp_path_factory.mktemp("llama")
-    vocab = copy_tokenizer(folder)
-    config = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=False,
-        pad_token_id=0,
-    )
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(folder)
-    return folder
+    return qlora_models.llama_folder(tmp_path_factory.mktemp("llama"))
 
 
 def quantized(folder: Path, kind: str) -> nn.Module:
@@ -62,9 +45,12 @@ def quantized(folder: Path, kind: str) -> nn.Module:
 
 
 def run(model: nn.Module) -> torch.Tensor:
+    """Logits in train mode (the Llama has no dropout): bitsandbytes repacks 4-bit codes for
+    CPU inference in eval mode, which lorakit's adapted layers never do (its kernel has no
+    backward), so eval outputs differ from PEFT's by that kernel's bfloat16 rounding."""
     tokens = torch.randint(0, 1000, (2, 7), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        return model(tokens).logits
+        return model.train()(tokens).logits
 
 
 def nudge_adapters(model: nn.Module, seed: int) -> None:

@@ -16,6 +16,7 @@ from .distributed import DistEnv, unwrap, wrap_model
 from .evaluate import evaluate
 from .options import Task, TrainOptions
 from .precision import autocast
+from .quantize import make_optimizer
 from .schedule import WarmupDecay, total_steps
 
 Collate = Callable[[Sequence[Any]], dict[str, torch.Tensor]]
@@ -62,12 +63,13 @@ def setup_run(
     env: DistEnv,
     write_adapter: Callable[[nn.Module, Path], Any],
 ) -> Run:
-    """Wrap `model` for `env` and give its trainable parameters AdamW and the lr schedule."""
+    """Wrap `model` for `env` and give its trainable parameters AdamW (`options.optim`'s) and
+    the lr schedule."""
     if options.threads:
         torch.set_num_threads(options.threads)
     wrapped = wrap_model(model, env, fsdp=options.fsdp)
     params = [p for p in wrapped.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=options.lr, weight_decay=options.weight_decay)
+    optimizer = make_optimizer(params, options.optim, options.lr, options.weight_decay)
     total = total_steps(len(train_data), options, env.world_size)
     schedule = WarmupDecay(min(options.warmup_steps, total), total, options.schedule)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
