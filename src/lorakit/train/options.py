@@ -15,6 +15,7 @@ from typing import Any, Literal, get_args
 from ..config import check_choice
 from ..errors import ConfigError
 from .precision import Precision
+from .quantize import Optim, Quantize, require_bitsandbytes
 from .tokenization import TruncationSide
 
 Task = Literal["seq-cls", "causal-lm"]
@@ -90,6 +91,9 @@ class TrainOptions:
         fsdp: shard the base with FSDP2 `fully_shard` (needs torchrun).
         precision: "fp32", or "bf16": the base loaded in bfloat16 and every forward under
             autocast, adapters and modules_to_save kept in float32 (`train.precision`).
+        quantize: "none", or load the base's linear layers in 4 bits ("nf4", "fp4") or 8 bits
+            ("int8") with bitsandbytes, adapters in float32 (QLoRA; `train.quantize`).
+        optim: "adamw" (torch's), "adamw8bit" or "paged_adamw" (bitsandbytes').
         threads: torch intra-op threads; 0: torch's default, except for the built-in demo,
             which uses 1 (its batches are 32 words of ~3 tokens: a second thread gains little
             and, on a machine busy with other work, makes each step several times slower).
@@ -162,6 +166,14 @@ class TrainOptions:
         "bf16: base in bfloat16, forwards under autocast, adapters and heads trained in float32",
         TRAINING,
     )
+    quantize: Quantize = option(
+        "none",
+        "QLoRA: the base's linear layers in 4-bit (nf4, fp4) or 8-bit (int8) bitsandbytes codes",
+        TRAINING,
+    )
+    optim: Optim = option(
+        "adamw", "adamw8bit / paged_adamw: bitsandbytes' AdamW (8-bit or paged state)", TRAINING
+    )
     threads: int = option(0, "torch threads; 0: torch's choice, 1 for the demo", TRAINING)
     progress: Progress = option("auto", "", TRAINING)
     gradient_checkpointing: bool = option(
@@ -189,6 +201,7 @@ class TrainOptions:
         check_choice(self.batching, "batching", get_args(Batching))
         check_choice(self.truncation_side, "truncation_side", get_args(TruncationSide))
         check_choice(self.precision, "precision", get_args(Precision))
+        self._check_bitsandbytes()
         if self.precision == "bf16" and self.fsdp:
             raise ConfigError(
                 "precision='bf16' with fsdp is not supported: an FSDP2 shard holds one "
@@ -223,3 +236,17 @@ class TrainOptions:
                 "resume and overwrite exclude each other: resume continues the run in out, "
                 "overwrite replaces it"
             )
+
+    def _check_bitsandbytes(self) -> None:
+        """The QLoRA options: valid, possible together, and bitsandbytes installed."""
+        check_choice(self.quantize, "quantize", get_args(Quantize))
+        check_choice(self.optim, "optim", get_args(Optim))
+        if self.quantize != "none" and self.fsdp:
+            raise ConfigError(
+                f"quantize={self.quantize!r} with fsdp is not supported: FSDP2 shards float "
+                "parameters, not bitsandbytes' packed codes; use DDP (no --fsdp)"
+            )
+        for name in ("quantize", "optim"):
+            value = getattr(self, name)
+            if value not in ("none", "adamw"):
+                require_bitsandbytes(f"{name}={value!r}")

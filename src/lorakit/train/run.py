@@ -18,6 +18,7 @@ from .evaluate import evaluate
 from .options import Task, TrainOptions
 from .packing import Collate, training_collate
 from .precision import autocast
+from .quantize import make_optimizer
 from .schedule import WarmupDecay, total_steps
 
 
@@ -65,7 +66,8 @@ def setup_run(
     env: DistEnv,
     write_adapter: Callable[[nn.Module, Path], Any],
 ) -> Run:
-    """Wrap `model` for `env` and give its trainable parameters AdamW and the lr schedule.
+    """Wrap `model` for `env` and give its trainable parameters AdamW (`options.optim`'s) and the
+    lr schedule.
 
     Raises:
         ConfigError: `options.batching` is "packed" for a model or task that cannot pack.
@@ -76,7 +78,7 @@ def setup_run(
     wrapped = wrap_model(model, env, fsdp=options.fsdp)
     params = [p for p in wrapped.parameters() if p.requires_grad]
     groups = param_groups(wrapped, options.lr, options.loraplus_ratio, options.weight_decay)
-    optimizer = torch.optim.AdamW(groups, lr=options.lr)
+    optimizer = make_optimizer(groups, options.optim, options.lr)
     total = total_steps(len(train_data), options, env.world_size)
     schedule = WarmupDecay(min(options.warmup_steps, total), total, options.schedule)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
