@@ -29,6 +29,7 @@ class LinearLoraMixin(LoraLayer):
     # The base class whose forward the fused op reproduces, and the layout of `weight`.
     fused_base: ClassVar[type[nn.Module]] = nn.Linear
     weight_transposed: ClassVar[bool] = False
+    supports_dora = True
 
     def lora_dims(self) -> tuple[int, int, tuple[int, ...]]:
         out_features, in_features = self.weight.shape
@@ -66,6 +67,7 @@ class LinearLoraMixin(LoraLayer):
         merged, modules = self.lora_merged, self.lora._modules
         adapters = [modules[n] for n in self.lora_active if n not in merged]
         for adapter in adapters:
+            # a LoRA subclass (DoRA) or an unusual dropout: the plain path computes it
             if type(adapter) is not LoRA or type(adapter.dropout) not in (nn.Dropout, nn.Identity):
                 return []
             if _dropout_p(adapter) > 0 and torch.compiler.is_compiling():
