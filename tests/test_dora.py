@@ -137,10 +137,38 @@ def test_forward_and_gradients_match_the_formula(case: Case, rank: int) -> None:
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
-def test_fused_path_is_not_taken_for_dora() -> None:
+FUSED = [c for c in CASES if c.id != "embedding"]
+
+
+@pytest.mark.parametrize("case", FUSED, ids=[c.id for c in FUSED])
+def test_fused_path_computes_the_plain_path(case: Case) -> None:
+    """DoRA last, no dropout: f * fused(x) + b, equal to PEFT's form (the plain path)."""
+    model = _dora(case, 4, bias="lora_only")
+    lorakit.inject(model, lorakit.LoraConfig(rank=2, targets=("layer",)), "plain")
+    _randomise(model, seed=4)
+    lorakit.set_active(model, ["plain", "default"])
+    layer, x = model.layer, case.x().requires_grad_()
+    assert [type(a) for a in layer._fused_adapters(x)] == [lorakit.layers.LoRA, DoRA]
+    params = [x, *(p for p in model.parameters() if p.requires_grad)]
+    assert any(p is layer.bias for p in params) == (layer.bias is not None)
+    fused = model(x)
+    g = torch.randn(fused.shape, generator=torch.Generator().manual_seed(2))
+    plain = lorakit.layers.LoraLayer.forward(layer, x)
+    torch.testing.assert_close(fused, plain, rtol=0, atol=ATOL)
+    for a, b in zip(torch.autograd.grad(fused, params, g), torch.autograd.grad(plain, params, g)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_path_is_not_taken_where_dora_differs() -> None:
     case = CASES[0]
-    model = _dora(case, 4)
-    assert model.layer._fused_adapters(case.x()) == []
+    model = _dora(case, 4, dropout=0.1)
+    layer, x = model.layer, case.x()
+    assert layer._fused_adapters(x) == []  # dropout in training: PEFT's other form
+    model.eval()
+    assert layer._fused_adapters(x) != []
+    lorakit.inject(model, lorakit.LoraConfig(rank=2, targets=("layer",)), "plain")
+    lorakit.set_active(model, ["default", "plain"])
+    assert layer._fused_adapters(x) == []  # DoRA not last: it does not rescale "plain"
 
 
 def test_weight_norm_cache_follows_the_weight() -> None:

@@ -188,3 +188,40 @@ def dora_unmerged(layer: LoraLayer, adapter: DoRA, weight: Tensor) -> Tensor:
     wide = _wide(weight.dtype, delta.dtype, f.dtype)
     column = layer.to_weight_layout(f.view(-1, 1)).to(wide)
     return (weight.to(wide) / column - delta.to(wide)).to(weight.dtype)
+
+
+class _DoraScale(torch.autograd.Function):
+    """y = f * p + b over the last dim, for the fused path: saves the output y, not p.
+
+    The backward recovers p = (y - b) / f, so the step keeps no second (N, out) tensor: the
+    output is often saved by the next op anyway (an activation, a product, attention).
+    """
+
+    @staticmethod
+    def forward(ctx, p: Tensor, f: Tensor, bias: Tensor | None) -> Tensor:  # noqa: ANN001
+        y = p * f if bias is None else torch.addcmul(bias, p, f)
+        ctx.save_for_backward(y, f, bias)
+        return y
+
+    @staticmethod
+    def backward(ctx, g: Tensor) -> tuple[Tensor | None, ...]:  # noqa: ANN001
+        y, f, bias = ctx.saved_tensors
+        need_p, need_f, need_b = ctx.needs_input_grad
+        g2 = g.reshape(-1, g.shape[-1])
+        grad_f = grad_b = None
+        if need_f:
+            plain = y.reshape(-1, y.shape[-1])
+            plain = plain if bias is None else plain - bias
+            grad_f = (plain * g2).sum(0) / f  # sum_i g_ij p_ij, with p = (y - b) / f
+        if need_b and bias is not None:
+            grad_b = g2.sum(0)
+        return (g * f if need_p else None), grad_f, grad_b
+
+
+def dora_rescaled(layer: LoraLayer, adapter: DoRA, p: Tensor) -> Tensor:
+    """f * p + b: DoRA as the last adapter on the fused path, p = x W^T + the low-rank terms
+    (no bias). Equals `dora_forward` without dropout: y + (f - 1)(y - b) + f s B A x."""
+    weight = layer.weight
+    f = adapter.factor(weight, weight_rows(layer, weight)).to(p.dtype)
+    bias = layer.bias
+    return _DoraScale.apply(p, f, None if bias is None else bias.to(p.dtype))
