@@ -16,7 +16,9 @@ from transformers.pytorch_utils import Conv1D
 
 import lorakit
 from lorakit.errors import AdapterError, ConfigError, UnsupportedLayerError
+from lorakit.layers import LoRALinear
 from lorakit.layers.dora import DoRA, row_norms
+from lorakit.layers.linear import LinearLoraMixin
 
 ATOL = 1e-6
 
@@ -62,6 +64,10 @@ CASES = [
          lambda m: m.weight),
     Case("gpt2-conv1d", _seeded(lambda: Conv1D(7, 9)), _x(2, 3, 9), lambda m: m.weight.t()),
     Case("embedding", _seeded(lambda: nn.Embedding(11, 6)), _ids, lambda m: m.weight.t()),
+    Case("conv1d", _seeded(lambda: nn.Conv1d(3, 5, 3, padding=1)), _x(2, 3, 8),
+         lambda m: m.weight.flatten(1)),
+    Case("conv2d-nobias", _seeded(lambda: nn.Conv2d(3, 4, 3, stride=2, bias=False)),
+         _x(2, 3, 7, 7), lambda m: m.weight.flatten(1)),
 ]  # fmt: skip
 RANKS = [1, 3, 8]
 
@@ -92,8 +98,11 @@ def _reference(case: Case, model: nn.Module, x: Tensor) -> Tensor:
     layer = model.layer
     adapter = layer.lora["default"]
     rows = case.rows(layer)
-    V = rows + adapter.scaling * adapter.lora_B @ adapter.lora_A
-    f = adapter.magnitude / torch.linalg.norm(V, dim=1).detach()
+    B, A = adapter.lora_B.flatten(1), adapter.lora_A.flatten(1)
+    V = rows + adapter.scaling * B @ A
+    f = adapter.magnitude.reshape(-1) / torch.linalg.norm(V, dim=1).detach()
+    if layer.weight.dim() > 2:
+        return layer._conv_forward(x, (f[:, None] * V).view_as(layer.weight), layer.bias)
     if case.id == "embedding":
         return nn.functional.embedding(x, (f[:, None] * V).t())
     y = x @ (f[:, None] * V).t()
@@ -116,7 +125,8 @@ def test_fresh_dora_is_a_no_op(case: Case) -> None:
     model = case.make()
     lorakit.inject(model, lorakit.LoraConfig(rank=4, targets=("layer",), use_dora=True))
     adapter = model.layer.lora["default"]
-    torch.testing.assert_close(adapter.magnitude, torch.linalg.norm(case.rows(base.layer), dim=1))
+    norms = torch.linalg.norm(case.rows(base.layer), dim=1)
+    torch.testing.assert_close(adapter.magnitude.reshape(-1), norms)
     with torch.no_grad():
         torch.testing.assert_close(model(case.x()), base(case.x()), rtol=0, atol=ATOL)
 
@@ -137,7 +147,7 @@ def test_forward_and_gradients_match_the_formula(case: Case, rank: int) -> None:
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
-FUSED = [c for c in CASES if c.id != "embedding"]
+FUSED = [c for c in CASES if c.id.startswith(("linear", "gpt2"))]
 
 
 @pytest.mark.parametrize("case", FUSED, ids=[c.id for c in FUSED])
@@ -295,18 +305,33 @@ def test_routing_refuses_dora() -> None:
             pass
 
 
+class NoDoraLinear(LinearLoraMixin, nn.Linear):
+    """A LoRA layer type whose math DoRA does not cover (as a quantized layer might be)."""
+
+    base_class = nn.Linear
+    supports_dora = False
+
+
+def _int8_linear() -> nn.Linear:
+    layer = nn.Linear(3, 4)
+    layer.weight = nn.Parameter(torch.zeros(4, 3, dtype=torch.int8), requires_grad=False)
+    return LoRALinear.adapt(layer)
+
+
 @pytest.mark.parametrize(
     ("make", "match"),
     [
-        (lambda: nn.Conv2d(3, 4, 3), r"use_dora=True is not supported on LoRAConv2d"),
-        (lambda: nn.Conv1d(3, 4, 3), r"use_dora=True is not supported on LoRAConv1d"),
+        (lambda: NoDoraLinear.adapt(nn.Linear(3, 4)),
+         r"use_dora=True is not supported on NoDoraLinear layers; DoRA supports Linear"),
+        (_int8_linear, r"use_dora=True needs a floating-point base weight; LoRALinear has "
+                       r"torch.int8"),
     ],
-)
-def test_dora_refused_on_layers_without_it(make: Callable[[], nn.Module], match: str) -> None:
-    model = Holder(make())
+)  # fmt: skip
+def test_dora_refused_where_it_does_not_apply(make: Callable[[], nn.Module], match: str) -> None:
+    layer = make()
     with pytest.raises(UnsupportedLayerError, match=match):
-        lorakit.inject(model, lorakit.LoraConfig(targets=("layer",), use_dora=True))
-    assert type(model.layer) in (nn.Conv1d, nn.Conv2d)  # left as it was
+        layer.add_adapter("default", lorakit.LoraConfig(use_dora=True))
+    assert not layer.lora  # nothing added
 
 
 def test_use_dora_must_be_a_bool() -> None:

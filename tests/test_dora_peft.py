@@ -33,6 +33,24 @@ class MLP(nn.Module):
         return self.lin2(torch.tanh(self.lin1(x)))
 
 
+class ConvNet(nn.Module):
+    """A conv (1d, 2d or 3d) then a Linear: PEFT's conv DoRA, m of shape (1, out, 1, ...)."""
+
+    def __init__(self, dims: int = 2) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        conv = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[dims]
+        self.conv = conv(3, 6, 3, padding=1)
+        self.fc = nn.Linear(6 * 4**dims, 5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(torch.relu(self.conv(x)).flatten(1))
+
+
+def _images(dims: int) -> Callable[[], Tensor]:
+    return lambda: torch.randn(2, 3, *(4,) * dims, generator=torch.Generator().manual_seed(1))
+
+
 def _features() -> Tensor:
     return torch.randn(3, 5, 12, generator=torch.Generator().manual_seed(1))
 
@@ -57,6 +75,9 @@ CASES = [
     Case("gpt2-conv1d", tiny_gpt2, ("c_attn", "c_proj", "c_fc"), _tokens, rank=8,
          extra={"fan_in_fan_out": True}),
     Case("llama-embedding", tiny_llama, ("embed_tokens", "q_proj", "down_proj"), _tokens),
+    Case("conv2d", ConvNet, ("conv", "fc"), _images(2), rank=3),
+    Case("conv1d", lambda: ConvNet(1), ("conv",), _images(1), rank=2),
+    Case("conv3d", lambda: ConvNet(3), ("conv",), _images(3), rank=2),
 ]  # fmt: skip
 
 
@@ -151,8 +172,11 @@ def _grads(model: nn.Module, x: Tensor, rename: Callable[[str], str]) -> dict[st
     return {n: grad for (n, _), grad in zip(named, grads)}
 
 
+GRAD_CASES = [c for c in CASES if c.id in ("linear-bias-and-not", "gpt2-conv1d", "conv2d")]
+
+
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
-@pytest.mark.parametrize("case", CASES[::2], ids=[c.id for c in CASES[::2]])
+@pytest.mark.parametrize("case", GRAD_CASES, ids=[c.id for c in GRAD_CASES])
 def test_gradients_match_peft(case: Case, dropout: float, tmp_path: Path) -> None:
     """Same A, B, m: same outputs and gradients of A, B and m (in training mode; with dropout
     both draw the same masks from the global generator)."""

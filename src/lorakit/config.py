@@ -160,7 +160,7 @@ class LoraConfig:
         dtype: adapter parameter dtype: float16, bfloat16, float32 (the default) or float64;
             None follows the base layer.
         use_dora: DoRA (PEFT's name): a trainable magnitude per output row rescales the
-            normalised W + s * B A (see `lorakit.layers.dora`). Linear, GPT-2 Conv1D, Embedding.
+            normalised W + s * B A (see `lorakit.layers.dora`); every layer type lorakit adapts.
 
     Raises:
         ConfigError: an option has an invalid value; the message names it.

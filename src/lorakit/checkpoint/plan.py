@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from ..config import ALL_LINEAR, LoraConfig
 from ..layers import lora_class
+from ..layers.dora import magnitude_shape
 from ..names import name_matches
 from ..tree import base_modules
 from .peft_format import lora_keys, magnitude_key, param_key
@@ -70,8 +71,9 @@ def plan(config: LoraConfig, modules: Modules, targets: Modules) -> dict[str, Sl
         key_a, key_b = lora_keys(path, lora_class(module).is_embedding)
         slots[key_a] = Slot("lora_A", path, "lora_A", a_shape)
         slots[key_b] = Slot("lora_B", path, "lora_B", b_shape)
-        if config.use_dora:  # one magnitude per output row: B's first dimension
-            slots[magnitude_key(path)] = Slot("magnitude", path, "magnitude", b_shape[:1])
+        if config.use_dora:  # one magnitude per output row (PEFT's shape)
+            m_shape = magnitude_shape(b_shape)
+            slots[magnitude_key(path)] = Slot("magnitude", path, "magnitude", m_shape)
         # PEFT saves the base weight of an adapted embedding too (save_embedding_layers)
         weight = param_key(path, "weight", adapted=True)
         slots[weight] = Slot("tensor", path, "weight", tuple(module.weight.shape), optional=True)

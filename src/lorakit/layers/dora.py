@@ -74,6 +74,13 @@ def row_norms(
         return squared.clamp_min_(0.0).sqrt_()
 
 
+def magnitude_shape(b_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """PEFT's shape of m for B's shape: (out,), or (1, out, 1, ...) for a convolution, so it
+    broadcasts over the conv output's channel dimension."""
+    out, kernel_ones = b_shape[0], b_shape[2:]
+    return (1, out, *kernel_ones) if kernel_ones else (out,)
+
+
 class DoRA(LoRA):
     """A LoRA adapter with a trainable magnitude per output row (see the module docstring).
 
@@ -85,14 +92,15 @@ class DoRA(LoRA):
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         A = self.lora_A
-        self.magnitude = nn.Parameter(torch.ones(self.out_features, dtype=A.dtype, device=A.device))
+        shape = magnitude_shape(tuple(self.lora_B.shape))
+        self.magnitude = nn.Parameter(torch.ones(shape, dtype=A.dtype, device=A.device))
         self.merged_factor: Tensor | None = None
         self._sq_cache: tuple | None = None
 
     def reset_magnitude(self, weight: Tensor, rows: Tensor) -> None:
         """m = ||W + s B A|| per row of `rows` (out, in), a view of the base `weight`: f = 1."""
         with torch.no_grad():
-            self.magnitude.copy_(self.norms(weight, rows))
+            self.magnitude.copy_(self.norms(weight, rows).view(self.magnitude.shape))
 
     def weight_sq(self, weight: Tensor, rows: Tensor) -> Tensor:
         """||W_j||^2 (float32 or wider) of `rows`, a view of `weight`, cached while it is
@@ -113,8 +121,9 @@ class DoRA(LoRA):
         return row_norms(rows, self.lora_A, self.lora_B, self.scaling, self.weight_sq(weight, rows))
 
     def factor(self, weight: Tensor, rows: Tensor) -> Tensor:
-        """f = m / ||W + s B A|| per output row (out,); gradient flows to m only."""
-        return self.magnitude / self.norms(weight, rows).to(self.magnitude.dtype)
+        """f = m / ||W + s B A|| per output row, shaped as m; gradient flows to m only."""
+        norms = self.norms(weight, rows).to(self.magnitude.dtype)
+        return self.magnitude / norms.view(self.magnitude.shape)
 
     def __getstate__(self) -> dict:
         state = super().__getstate__().copy()
@@ -127,7 +136,7 @@ def check_dora_layer(layer: LoraLayer) -> None:
     if not getattr(layer, "supports_dora", False):
         raise UnsupportedLayerError(
             f"use_dora=True is not supported on {type(layer).__name__} layers; DoRA supports "
-            "Linear, GPT-2 Conv1D and Embedding layers"
+            "Linear, GPT-2 Conv1D, Embedding and Conv1d/2d/3d layers"
         )
     if not layer.weight.dtype.is_floating_point:
         raise UnsupportedLayerError(
@@ -137,9 +146,10 @@ def check_dora_layer(layer: LoraLayer) -> None:
 
 
 def weight_rows(layer: LoraLayer, weight: Tensor) -> Tensor:
-    """`weight` (in the layer's layout) as (out, in) rows, a view: the layouts lorakit's DoRA
-    layers use are (out, in) or its transpose, and a transpose is its own inverse."""
-    return layer.to_weight_layout(weight)
+    """`weight` (in the layer's layout) as (out, in * kernel) rows, a view: the layouts of
+    lorakit's DoRA layers are (out, in, *kernel) or the transpose of (out, in), and a
+    transpose is its own inverse."""
+    return layer.to_weight_layout(weight).flatten(1)
 
 
 def _dropping(adapter: DoRA) -> bool:
@@ -151,16 +161,25 @@ def dora_forward(layer: LoraLayer, adapter: DoRA, x: Tensor, y: Tensor, base: Te
     """y plus DoRA adapter `adapter`'s term for input x (module docstring); `base` is the
     unmerged base weight, in the layer's layout."""
     rows = weight_rows(layer, base)
-    f = adapter.factor(base, rows)
+    f = adapter.factor(base, rows)  # (out,), or (1, out, 1, ...) for a conv's channels
     if layer.is_embedding or not _dropping(adapter):
         bias = getattr(layer, "bias", None)
-        plain = y if bias is None else y - bias
+        plain = y if bias is None else y - bias.view(f.shape)
         lora = layer.lora_delta(adapter, x)
     else:
         xd = adapter.dropout(x.to(adapter.lora_A.dtype))
-        plain = F.linear(xd, rows.to(xd.dtype))
-        lora = linear_delta(xd, adapter.lora_A, adapter.lora_B, adapter.scaling)
+        if base.dim() > 2:  # a convolution: the base's conv without bias, and A, B on xd
+            plain = layer._conv_forward(xd, base.to(xd.dtype), None)
+            lora = layer.lora_product(adapter, xd)
+        else:
+            plain = F.linear(xd, rows.to(xd.dtype))
+            lora = linear_delta(xd, adapter.lora_A, adapter.lora_B, adapter.scaling)
     return y + ((f - 1) * plain + f * lora).to(y.dtype)
+
+
+def _column(layer: LoraLayer, f: Tensor, weight: Tensor) -> Tensor:
+    """f as a factor per output row of `weight`, in the layer's layout: (out, 1, ...)."""
+    return layer.to_weight_layout(f.reshape(-1, *(1,) * (weight.dim() - 1)))
 
 
 def dora_merged(layer: LoraLayer, adapter: DoRA, weight: Tensor, base: Tensor) -> Tensor:
@@ -170,7 +189,7 @@ def dora_merged(layer: LoraLayer, adapter: DoRA, weight: Tensor, base: Tensor) -
     adapter.merged_factor = f
     delta = layer.to_weight_layout(adapter.delta_weight())
     wide = _wide(weight.dtype, delta.dtype, f.dtype)
-    column = layer.to_weight_layout(f.view(-1, 1)).to(wide)
+    column = _column(layer, f, weight).to(wide)
     return (column * (weight.to(wide) + delta.to(wide))).to(weight.dtype)
 
 
@@ -186,7 +205,7 @@ def dora_unmerged(layer: LoraLayer, adapter: DoRA, weight: Tensor) -> Tensor:
     f = f.to(weight.device)
     delta = layer.to_weight_layout(adapter.delta_weight())
     wide = _wide(weight.dtype, delta.dtype, f.dtype)
-    column = layer.to_weight_layout(f.view(-1, 1)).to(wide)
+    column = _column(layer, f, weight).to(wide)
     return (weight.to(wide) / column - delta.to(wide)).to(weight.dtype)
 
 
