@@ -132,12 +132,12 @@ def test_bad_sampling_values() -> None:
 
 
 def test_full_queue_refuses(folders) -> None:
-    engine = make_engine(folders, max_queue=2, start=False)  # nothing drains the queue
+    engine = make_engine(folders, max_batch=3, max_queue=2, start=False)  # nothing drains
     prompt = engine.encode(prompt="good day")
-    queued = [Collect(), Collect()]
+    queued = [Collect() for _ in range(5)]
     for sink in queued:
         engine.submit(Job(prompt), sink)
-    with pytest.raises(QueueFull, match=r"the queue is full \(2 requests waiting\)"):
+    with pytest.raises(QueueFull, match=r"full \(3 requests running, 2 waiting\)"):
         engine.submit(Job(prompt), Collect())
     engine.close()
     assert all(isinstance(s.wait(), Failed) for s in queued)

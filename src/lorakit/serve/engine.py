@@ -77,7 +77,7 @@ class Engine:
         Raises:
             BadRequest: max_tokens < 1, or prompt plus max_tokens beyond the model's context.
             ModelNotFound: the adapter is not loaded (or is being unloaded).
-            QueueFull: max_queue requests are already waiting.
+            QueueFull: max_batch requests run and max_queue more wait already.
             EngineClosed: the engine is shutting down.
         """
         self._check_length(job)
@@ -87,9 +87,9 @@ class Engine:
                 raise EngineClosed("the server is shutting down")
             if job.adapter is not None:
                 self.adapters.resolve(job.adapter)
-            if len(self._waiting) >= self.max_queue:
-                raise QueueFull(f"the queue is full ({self.max_queue} requests waiting); retry "
-                                "later")  # fmt: skip
+            if sum(self.adapters.in_use.values()) >= self.max_batch + self.max_queue:
+                raise QueueFull(f"the server is full ({self.max_batch} requests running, "
+                                f"{self.max_queue} waiting); retry later")  # fmt: skip
             self.adapters.in_use[job.adapter or ""] += 1
             self._waiting.append(seq)
             self._cond.notify_all()
@@ -168,6 +168,10 @@ class Engine:
             self._thread.join()
         else:
             self._drain()
+
+    @property
+    def started(self) -> bool:
+        return self._thread is not None
 
     def _loop(self) -> None:
         while True:

@@ -42,3 +42,25 @@ class EngineClosed(ServeError):
     status = 503
     type = "server_error"
     code = "shutting_down"
+
+
+class InvalidField(ServeError, TypeError):
+    """A field of the request body has the wrong type (or a required one is missing)."""
+
+    status = 422
+    code = "invalid_type"
+
+
+class Unauthorized(ServeError):
+    """The request lacks the server's API key."""
+
+    status = 401
+    type = "authentication_error"
+    code = "invalid_api_key"
+
+
+class NotEnabled(ServeError):
+    """An endpoint that this server was started without (runtime adapter loading)."""
+
+    status = 404
+    code = "not_enabled"
