@@ -4,12 +4,18 @@ Each step is one forward of the model through `lorakit.routing`, one row per run
 sequence with that sequence's adapter (or the base): a joining sequence is first prefilled
 alone (its prompt in one forward, its own cache), then decodes in the shared batch; rows
 have their own positions in a left-padded cache (`BatchCache`).
+
+The routing context of the decoding steps stays open while the rows' adapters stay the same:
+entering one walks every layer and re-checks each layer's stacked factors, which costs as
+much as a few percent of a step. `release` closes it; the engine calls it before adapters
+change.
 """
 
 from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
+from contextlib import ExitStack
 
 import torch
 from torch import Tensor, nn
@@ -35,9 +41,17 @@ class Batcher:
         # transformers 5.x renamed the forward's past_key_values to cache
         params = inspect.signature(model.forward).parameters
         self.cache_arg = "cache" if "cache" in params else "past_key_values"
+        self._routed: tuple[tuple[str | None, ...], ExitStack] | None = None
+
+    def release(self) -> None:
+        """Close the open routing context, if any (before the model's adapters change)."""
+        if self._routed is not None:
+            self._routed[1].close()
+            self._routed = None
 
     def reset(self) -> list[Sequence]:
         """Forget the batch (after a failed step); returns the sequences that were in it."""
+        self.release()
         rows, self.rows, self.pending, self.cache = self.rows, [], [], BatchCache()
         return rows
 
@@ -47,7 +61,9 @@ class Batcher:
             self.end(seq, "cancelled")
             return
         ids = torch.tensor([seq.job.prompt_ids], device=self.device)
-        out = self._forward(ids, [seq.job.adapter])
+        self.release()
+        with routing(self.model, [seq.job.adapter], reuse_stacks=True):
+            out = self._forward(ids)
         token = choose(out.logits[:, -1], [seq])[0]
         reason = seq.add(token)
         if reason:
@@ -64,8 +80,8 @@ class Batcher:
             return
         mask, positions = self.cache.step_inputs()
         tokens = torch.tensor(self.pending, device=self.device).view(-1, 1)
-        adapters = [seq.job.adapter for seq in self.rows]
-        out = self._forward(tokens, adapters, attention_mask=mask, position_ids=positions,
+        self._route(tuple(seq.job.adapter for seq in self.rows))
+        out = self._forward(tokens, attention_mask=mask, position_ids=positions,
                             **{self.cache_arg: self.cache.cache})  # fmt: skip
         self.cache.stepped(mask)
         self.pending = choose(out.logits[:, -1], self.rows)
@@ -75,11 +91,19 @@ class Batcher:
                 self.end(self.rows[i], reason)
         self._keep([i for i, reason in done.items() if not reason])
 
-    def _forward(self, ids: Tensor, adapters: list[str | None], **inputs: object) -> object:
-        """The model's output for `ids` (rows, tokens), row i through adapters[i]; only the
+    def _route(self, adapters: tuple[str | None, ...]) -> None:
+        """Have row i go through adapters[i], reusing the open context when it matches."""
+        if self._routed is not None and self._routed[0] == adapters:
+            return
+        self.release()
+        stack = ExitStack()
+        stack.enter_context(routing(self.model, adapters, reuse_stacks=True))
+        self._routed = (adapters, stack)
+
+    def _forward(self, ids: Tensor, **inputs: object) -> object:
+        """The model's output for `ids` (rows, tokens) under the current routing; only the
         last position's logits are computed."""
-        with routing(self.model, adapters, reuse_stacks=True):
-            return self.model(input_ids=ids, use_cache=True, logits_to_keep=1, **inputs)
+        return self.model(input_ids=ids, use_cache=True, logits_to_keep=1, **inputs)
 
     def _left(self, seq: Sequence) -> bool:
         if seq.cancelled:
@@ -90,6 +114,8 @@ class Batcher:
         if len(rows) == len(self.rows):
             return
         self.cache.keep(rows)
+        if not rows:
+            self.release()  # idle: the layers go back to their own adapters
         self.rows = [self.rows[i] for i in rows]
         self.pending = [self.pending[i] for i in rows]
 

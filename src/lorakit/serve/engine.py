@@ -125,6 +125,7 @@ class Engine:
             self.adapters.loading.add(name)
         try:
             with self._model_lock:
+                self._batcher.release()
                 load_adapter(self.model, path, name)
         except (LorakitError, OSError) as err:
             raise BadRequest(f"cannot load adapter {name!r} from {str(path)!r}: {err}") from None
@@ -148,6 +149,7 @@ class Engine:
                 raise BadRequest(f"adapter {name!r} is still used by {self.adapters.in_use[name]} "
                                  f"requests after {timeout:g} s; it stays loaded")  # fmt: skip
         with self._model_lock:
+            self._batcher.release()
             delete_adapter(self.model, name)
         with self._cond:
             self.adapters.draining.discard(name)
