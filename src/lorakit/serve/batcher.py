@@ -1,9 +1,10 @@
 """Continuous batching without threads: sequences join between steps and leave when done.
 
-Each step is one forward of the model through `lorakit.routing`, one row per running
-sequence with that sequence's adapter (or the base): a joining sequence is first prefilled
-alone (its prompt in one forward, its own cache), then decodes in the shared batch; rows
-have their own positions in a left-padded cache (`BatchCache`).
+Each decoding step is one forward of the model through `lorakit.routing`, one row per
+running sequence with that sequence's adapter (or the base). A joining sequence is first
+prefilled alone (its prompt in one forward with its adapter active, its own cache: see
+`single.py`), then decodes in the shared batch; rows have their own positions in a
+left-padded cache (`BatchCache`).
 
 The routing context of the decoding steps stays open while the rows' adapters stay the same:
 entering one walks every layer and re-checks each layer's stacked factors, which costs as
@@ -24,6 +25,7 @@ from ..routing import routing
 from .kv import BatchCache
 from .sampling import sample
 from .sequence import Sequence
+from .single import single_adapter
 
 Ended = Callable[[Sequence, str], None]  # told when a sequence ends, with its finish reason
 
@@ -62,7 +64,7 @@ class Batcher:
             return
         ids = torch.tensor([seq.job.prompt_ids], device=self.device)
         self.release()
-        with routing(self.model, [seq.job.adapter], reuse_stacks=True):
+        with single_adapter(self.model, seq.job.adapter):
             out = self._forward(ids)
         token = choose(out.logits[:, -1], [seq])[0]
         reason = seq.add(token)

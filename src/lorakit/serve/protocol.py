@@ -41,6 +41,8 @@ class _Generation(BaseModel):
     n: int = 1
     ignore_eos: bool = False  # vLLM's extra field: generate max_tokens whatever comes
     logprobs: Any = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
 
     @property
     def include_usage(self) -> bool:
@@ -51,6 +53,9 @@ class _Generation(BaseModel):
             raise BadRequest(f"n must be 1 (one answer per request), got {self.n}")
         if self.logprobs not in (None, False, 0):
             raise BadRequest("logprobs are not supported by this server")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(self, name) != 0:
+                raise BadRequest(f"{name} is not supported by this server; leave it at 0")
 
     def stops(self) -> tuple[str, ...]:
         stops = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
