@@ -7,12 +7,15 @@ import threading
 from pathlib import Path
 
 import pytest
+import torch
 from serve_helpers import CONTEXT, Collect, save_adapters, serve_model
 
 from lorakit.checkpoint import load_adapter
+from lorakit.errors import ConfigError
 from lorakit.llm import load_causal_lm
 from lorakit.llm.generate import generate, using_adapter
 from lorakit.serve import BadRequest, Engine, Failed, Job, ModelNotFound, QueueFull, Sampling
+from lorakit.serve.kv import BatchCache
 from lorakit.serve.text import TextTracker
 
 PROMPTS = ["good day", "the movie was very", "hello there my friend", "a", "it was so nice"]
@@ -199,3 +202,44 @@ def test_text_tracker_holds_back_what_may_be_cut(texts, stops, pieces, stopped) 
     got = [tracker.update([0]) for _ in texts]
     assert [piece for piece, _ in got] == pieces
     assert got[-1][1] is stopped
+
+
+class FakeLayer:
+    is_sliding = False
+
+    def __init__(self, length: int, fill: float) -> None:
+        self.keys = torch.full((1, 2, length, 4), fill)
+        self.values = -self.keys
+
+
+class FakeCache:
+    def __init__(self, length: int, fill: float) -> None:
+        self.layers = [FakeLayer(length, fill), FakeLayer(length, fill)]
+
+
+def test_batch_cache_pads_on_the_left_and_trims_when_rows_leave() -> None:
+    batch = BatchCache()
+    batch.join(FakeCache(3, 1.0))
+    batch.join(FakeCache(5, 2.0))
+    assert batch.mask.tolist() == [[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]]
+    keys = batch.cache.layers[1].keys
+    assert keys.shape == (2, 2, 5, 4)
+    assert keys[0, :, :2].abs().sum() == 0 and (keys[0, :, 2:] == 1).all()
+    mask, positions = batch.step_inputs()
+    assert mask.shape == (2, 6) and positions.tolist() == [[3], [5]]
+    for layer in batch.cache.layers:  # what the model's forward does to the cache
+        layer.keys = torch.cat([layer.keys, torch.full((2, 2, 1, 4), 3.0)], dim=2)
+        layer.values = torch.cat([layer.values, torch.full((2, 2, 1, 4), 3.0)], dim=2)
+    batch.stepped(mask)
+    batch.keep([0])  # the longer row leaves: the padding columns go
+    assert batch.mask.tolist() == [[1, 1, 1, 1]]
+    assert batch.cache.layers[0].keys[0, 0, :, 0].tolist() == [1.0, 1.0, 1.0, 3.0]
+    batch.keep([])
+    assert batch.rows == 0 and batch.cache is None
+
+
+def test_sliding_window_caches_are_refused() -> None:
+    cache = FakeCache(2, 1.0)
+    cache.layers[0].is_sliding = True
+    with pytest.raises(ConfigError, match="plain key/value cache"):
+        BatchCache().join(cache)

@@ -108,9 +108,11 @@ class Batcher:
         return self.model(input_ids=ids, use_cache=True, logits_to_keep=1, **inputs)
 
     def _left(self, seq: Sequence) -> bool:
-        if seq.cancelled:
+        """Whether `seq`'s client left (then it ends now); read once: it may flip any time."""
+        cancelled = seq.cancelled
+        if cancelled:
             self.end(seq, "cancelled")
-        return seq.cancelled
+        return cancelled
 
     def _keep(self, rows: list[int]) -> None:
         if len(rows) == len(self.rows):
