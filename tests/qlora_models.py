@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import bitsandbytes as bnb
 import torch
@@ -50,3 +51,39 @@ def quantized_mlp(kind: str, seed: int = 0) -> nn.Sequential:
 
 def builders() -> dict[str, Callable[[], nn.Sequential]]:
     return {kind: (lambda k=kind: quantized_mlp(k)) for kind in KINDS}
+
+
+def llama_folder(folder: Path) -> Path:
+    """A tiny random Llama whose layer inputs are multiples of bitsandbytes' 4-bit block (64):
+    bitsandbytes' CPU inference path (eval, no grad) cannot repack narrower 4-bit weights."""
+    from tiny_hf import copy_tokenizer
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    vocab = copy_tokenizer(folder)
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+        pad_token_id=0,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    return folder
+
+
+def bert_folder(folder: Path) -> Path:
+    """A tiny random BERT classifier with hidden size 64 (see `llama_folder`)."""
+    from tiny_hf import bert_config, copy_tokenizer
+    from transformers import BertForSequenceClassification
+
+    vocab = copy_tokenizer(folder)
+    config = bert_config(vocab)
+    config.hidden_size, config.intermediate_size = 64, 128
+    torch.manual_seed(0)
+    BertForSequenceClassification(config).save_pretrained(folder)
+    return folder

@@ -411,7 +411,8 @@ def test_unknown_config_keys_warn(saved: Path) -> None:
 @pytest.mark.parametrize(
     ("changes", "match"),
     [
-        ({"use_dora": True}, r"use_dora=True is a PEFT feature lorakit does not support"),
+        ({"lora_bias": True}, r"lora_bias=True is a PEFT feature lorakit does not support"),
+        ({"use_dora": True}, r"missing '.*lora_magnitude_vector' \(\d+,\)"),
         ({"peft_type": "IA3"}, r"peft_type is 'IA3'"),
         ({"layers_to_transform": [0]}, r"layers_to_transform=\[0\]"),
         ({"init_lora_weights": "pissa"}, r"init_lora_weights='pissa' rewrites the base"),

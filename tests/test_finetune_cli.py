@@ -37,10 +37,12 @@ def test_defaults_mirror_train_options_and_lora_config() -> None:
 
 def test_lora_options_reach_the_config() -> None:
     argv = ["finetune", "--rank", "4", "--alpha", "8", "--targets", "query,value",
-            "--modules-to-save", "classifier", "--use-rslora", "--dropout", "0.1"]  # fmt: skip
+            "--modules-to-save", "classifier", "--use-rslora", "--dropout", "0.1",
+            "--use-dora"]  # fmt: skip
     _, lora = options_from_args(build_parser().parse_args(argv))
     assert (lora.rank, lora.alpha, lora.targets) == (4, 8.0, ("query", "value"))
     assert lora.modules_to_save == ("classifier",) and lora.use_rslora and lora.dropout == 0.1
+    assert lora.use_dora
 
 
 def test_padding_and_truncation_options_reach_train_options() -> None:

@@ -76,6 +76,25 @@ def test_only_adapters_get_gradients(kind):
     assert x.grad is not None and x.grad.abs().sum() > 0  # flows on to earlier layers
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_gradients_after_an_evaluation_are_the_same(kind):
+    """bitsandbytes repacks 4-bit codes for CPU inference into a layout without backward;
+    adapted layers never take it, so an eval pass does not change the next train step."""
+    model, x = adapted(kind), inputs()
+
+    def input_grad() -> torch.Tensor:
+        xr = x.clone().requires_grad_(True)
+        model(xr).sum().backward()
+        return xr.grad
+
+    before = input_grad()
+    model.eval()
+    with torch.no_grad():
+        model(x)
+    model.train()
+    torch.testing.assert_close(input_grad(), before, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("kind", ["nf4", "int8"])
 def test_adapter_dtype_follows_config_never_the_codes(kind):
     model = quantized_mlp(kind)

@@ -159,6 +159,8 @@ class LoraConfig:
             B zero) or "zeros" (both zero; for loading). Embeddings swap A and B (PEFT).
         dtype: adapter parameter dtype: float16, bfloat16, float32 (the default) or float64;
             None follows the base layer.
+        use_dora: DoRA (PEFT's name): a trainable magnitude per output row rescales the
+            normalised W + s * B A (see `lorakit.layers.dora`); every layer type lorakit adapts.
 
     Raises:
         ConfigError: an option has an invalid value; the message names it.
@@ -176,6 +178,7 @@ class LoraConfig:
     modules_to_save: tuple[str, ...] = ()
     init: Init = "kaiming"
     dtype: torch.dtype | None = torch.float32
+    use_dora: bool = False
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen: normalise once, here
@@ -203,6 +206,8 @@ class LoraConfig:
         set_(self, "alpha_pattern", FrozenDict(alphas))
         if not isinstance(self.use_rslora, bool):
             raise ConfigError(f"use_rslora must be a bool, got {self.use_rslora!r}")
+        if not isinstance(self.use_dora, bool):
+            raise ConfigError(f"use_dora must be a bool, got {self.use_dora!r}")
         check_choice(self.bias, "bias", get_args(Bias))
         check_choice(self.init, "init", get_args(Init))
         set_(self, "dtype", _as_dtype(self.dtype))

@@ -25,6 +25,7 @@ from .adapters import adapter_names
 from .errors import AdapterError, UnsupportedLayerError
 from .layers.base import LoraLayer
 from .layers.conv import ConvLoraMixin
+from .layers.dora import DoRA
 from .tree import lora_layers
 
 __all__ = ["RowRouting", "clear_cache", "routing"]
@@ -224,8 +225,8 @@ def routing(
         not after writes through `.data`, which PyTorch does not track: call `clear_cache`.
 
     Raises:
-        AdapterError: an unknown adapter name, merged adapters, an empty list, or a nested
-            routing context.
+        AdapterError: an unknown adapter name, merged adapters, a DoRA adapter, an empty list,
+            or a nested routing context.
         UnsupportedLayerError: a routed adapter sits on a convolution.
     """
     rows = list(adapters_per_row)
@@ -246,6 +247,12 @@ def routing(
             )
         if layer.lora_routing is not None:
             raise AdapterError(f"layer {path!r} is already routed; routing contexts do not nest")
+        dora = [n for n in names if isinstance(layer.lora[n] if n in layer.lora else None, DoRA)]
+        if dora:
+            raise AdapterError(
+                f"mixed-adapter batches do not support DoRA adapter(s) {dora} (layer {path!r}), "
+                "as in PEFT; run each DoRA adapter's rows as their own batch"
+            )
         if isinstance(layer, ConvLoraMixin) and any(n in layer.lora for n in names):
             raise UnsupportedLayerError(
                 f"mixed-adapter batches support Linear, GPT-2 Conv1D and Embedding layers; "

@@ -4,6 +4,7 @@ Keys (the adapter name never appears; `base_model.model.` is optional when readi
 
     <path>.lora_A.weight (r, in, *k)      <path>.lora_B.weight (out, r, *1)   Linear, Conv1D, ConvNd
     <path>.lora_embedding_A (r, vocab)    <path>.lora_embedding_B (dim, r)     Embedding
+    <path>.lora_magnitude_vector (out,)   DoRA's magnitude (use_dora), any layer type
     <path>.base_layer.bias                bias of an adapted layer (bias "lora_only" / "all")
     <path>.<param>                        other biases ("all"), modules_to_save tensors
 """
@@ -33,7 +34,6 @@ PEFT_KEYS = frozenset(
 )
 # PEFT features whose tensors or forward lorakit does not reproduce: refused when switched on.
 UNSUPPORTED = (
-    "use_dora",
     "lora_bias",
     "layers_to_transform",
     "layer_replication",
@@ -73,7 +73,7 @@ def to_peft(
         "lora_dropout": config.dropout,
         "bias": config.bias,
         "use_rslora": config.use_rslora,
-        "use_dora": False,
+        "use_dora": config.use_dora,
         "rank_pattern": dict(config.rank_pattern),
         "alpha_pattern": {k: _number(v) for k, v in config.alpha_pattern.items()},
         "modules_to_save": list(config.modules_to_save) or None,
@@ -136,6 +136,7 @@ def from_peft(raw: Mapping[str, object], source: str) -> LoraConfig:
             rank_pattern=raw.get("rank_pattern") or {},
             alpha_pattern=raw.get("alpha_pattern") or {},
             use_rslora=bool(raw.get("use_rslora", False)),
+            use_dora=bool(raw.get("use_dora", False)),
             bias=raw.get("bias", "none"),
             modules_to_save=tuple(dict.fromkeys(saved)),
             init="zeros",  # the file's tensors overwrite both factors
@@ -155,6 +156,11 @@ def lora_keys(path: str, embedding: bool) -> tuple[str, str]:
     if embedding:
         return f"{PREFIX}{path}.lora_embedding_A", f"{PREFIX}{path}.lora_embedding_B"
     return f"{PREFIX}{path}.lora_A.weight", f"{PREFIX}{path}.lora_B.weight"
+
+
+def magnitude_key(path: str) -> str:
+    """PEFT's key of DoRA's magnitude vector for the layer at `path` (no `.weight` suffix)."""
+    return f"{PREFIX}{path}.lora_magnitude_vector"
 
 
 def param_key(path: str, param: str, adapted: bool) -> str:

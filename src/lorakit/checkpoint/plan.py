@@ -16,12 +16,13 @@ from torch import Tensor, nn
 
 from ..config import ALL_LINEAR, LoraConfig
 from ..layers import lora_class
+from ..layers.dora import magnitude_shape
 from ..layers.registry import weight_shape
 from ..names import name_matches
 from ..tree import base_modules
-from .peft_format import lora_keys, param_key
+from .peft_format import lora_keys, magnitude_key, param_key
 
-Kind = Literal["lora_A", "lora_B", "tensor"]
+Kind = Literal["lora_A", "lora_B", "magnitude", "tensor"]
 Modules = list[tuple[str, nn.Module]]  # (path, module) pairs
 # dtypes LoRA factors compute in; a file's other floats (float8) load as float32
 COMPUTE_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
@@ -31,9 +32,9 @@ EMBEDDING_NAMES = ("embed_tokens", "lm_head")
 
 @dataclass(frozen=True)
 class Slot:
-    """Where one file tensor lives: `module` path, then `name` ("lora_A", "lora_B", or a
-    parameter / buffer of that module), with the `shape` it must have; `optional` ones may be
-    absent (base weights PEFT adds for embeddings)."""
+    """Where one file tensor lives: `module` path, then `name` ("lora_A", "lora_B",
+    "magnitude" (DoRA), or a parameter / buffer of that module), with the `shape` it must
+    have; `optional` ones may be absent (base weights PEFT adds for embeddings)."""
 
     kind: Kind
     module: str
@@ -71,6 +72,9 @@ def plan(config: LoraConfig, modules: Modules, targets: Modules) -> dict[str, Sl
         key_a, key_b = lora_keys(path, lora_class(module).is_embedding)
         slots[key_a] = Slot("lora_A", path, "lora_A", a_shape)
         slots[key_b] = Slot("lora_B", path, "lora_B", b_shape)
+        if config.use_dora:  # one magnitude per output row (PEFT's shape)
+            m_shape = magnitude_shape(b_shape)
+            slots[magnitude_key(path)] = Slot("magnitude", path, "magnitude", m_shape)
         # PEFT saves the base weight of an adapted embedding too (save_embedding_layers)
         weight = param_key(path, "weight", adapted=True)
         slots[weight] = Slot("tensor", path, "weight", tuple(module.weight.shape), optional=True)

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from ..config import LoraConfig
 from ..errors import AdapterError, ConfigError, MergeError
 from ..functional import merged_weight
+from .dora import DoRA, check_dora_layer, dora_forward, dora_merged, dora_unmerged, weight_rows
 from .lora import LoRA
 from .routing_hook import RoutingHook
 
@@ -61,6 +62,7 @@ class LoraLayer(nn.Module):
         return delta
 
     is_embedding: ClassVar[bool] = False
+    supports_dora: ClassVar[bool] = False  # DoRA's math is written for (out, in) weights
 
     # -- life cycle -----------------------------------------------------------------------
     @classmethod
@@ -99,8 +101,10 @@ class LoraLayer(nn.Module):
         in_features, out_features, kernel = self.lora_dims()
         weight = self.weight
         dtype = config.dtype or weight.dtype
+        if config.use_dora:
+            check_dora_layer(self)
         try:
-            return LoRA(
+            adapter = (DoRA if config.use_dora else LoRA)(
                 in_features,
                 out_features,
                 config.rank,
@@ -113,6 +117,9 @@ class LoraLayer(nn.Module):
                 device=weight.device,
                 dtype=dtype,
             )
+            if isinstance(adapter, DoRA):
+                adapter.reset_magnitude(weight, weight_rows(self, weight))
+            return adapter
         except ConfigError as err:  # e.g. a scale this dtype cannot hold
             raise ConfigError(f"adapter {name!r}: {err}") from err
         except (RuntimeError, MemoryError) as err:  # NotImplementedError is a RuntimeError
@@ -151,7 +158,7 @@ class LoraLayer(nn.Module):
         original = self.weight.detach().clone() if first else None
         for name in todo:
             with torch.no_grad():
-                new = merged_weight(self.weight, self.delta_weight(name))
+                new = self._merge_step(self.weight, name)
                 if not new.is_meta and not torch.isfinite(new).all():
                     raise MergeError(
                         f"merging adapter {name!r} would write NaN or inf into a base weight "
@@ -176,6 +183,10 @@ class LoraLayer(nn.Module):
         with torch.no_grad():
             if original is not None:
                 self.weight.copy_(self._with_deltas(original, keep))
+            elif any(isinstance(self.lora[n], DoRA) for n in self.lora_merged):
+                # DoRA rescales what came before it: undo all in reverse, then merge `keep` again
+                base = self._undone(self.weight, self.lora_merged)
+                self.weight.copy_(self._with_deltas(base, keep))
             else:
                 for name in out:
                     delta = self.delta_weight(name)
@@ -185,9 +196,45 @@ class LoraLayer(nn.Module):
             self.lora_original = None  # free the copy: nothing is merged
 
     def _with_deltas(self, weight: Tensor, names: tuple[str, ...]) -> Tensor:
-        """`weight` plus the deltas of `names`, added one by one in order, as `merge` does."""
+        """`weight` (unmerged) with `names` merged one by one in order, as `merge` does."""
+        base = weight
         for name in names:
-            weight = merged_weight(weight, self.delta_weight(name))
+            weight = self._merge_step(weight, name, base)
+        return weight
+
+    def _merge_step(self, weight: Tensor, name: str, base: Tensor | None = None) -> Tensor:
+        """`weight` with adapter `name` merged: plus s B A, or DoRA's rescaled sum, whose
+        norm is of the unmerged `base` (default: worked out from the layer's state)."""
+        adapter = self.lora[name]
+        if isinstance(adapter, DoRA):
+            base = self._unmerged_weight() if base is None else base
+            return dora_merged(self, adapter, weight, base)
+        return merged_weight(weight, self.delta_weight(name))
+
+    def _undone(self, weight: Tensor, names: tuple[str, ...]) -> Tensor:
+        """`weight` with the merged `names` taken out again, last first (rounds)."""
+        for name in reversed(names):
+            adapter = self.lora[name]
+            if isinstance(adapter, DoRA):
+                weight = dora_unmerged(self, adapter, weight)
+            else:
+                weight = merged_weight(weight, self.delta_weight(name), sign=-1)
+        return weight
+
+    def _unmerged_weight(self) -> Tensor:
+        """The base weight without any merged adapter: `weight` itself when none is merged,
+        else the kept original when exact, else a copy with the merges undone (rounds)."""
+        if not self.lora_merged:
+            return self.weight
+        original = self._exact_original()
+        if original is not None:
+            return original
+        with torch.no_grad():
+            factors = {n: self.lora[n].merged_factor for n in self.lora_merged
+                       if isinstance(self.lora[n], DoRA)}  # fmt: skip
+            weight = self._undone(self.weight.detach().clone(), self.lora_merged)
+            for name, f in factors.items():  # a look only: the adapters stay merged
+                self.lora[name].merged_factor = f
         return weight
 
     def _exact_original(self) -> Tensor | None:
@@ -217,5 +264,9 @@ class LoraLayer(nn.Module):
             return self.lora_routing.add_delta(self, x, y)
         for name in self.lora_active:
             if name not in self.lora_merged:
-                y = y + self.lora_delta(self.lora[name], x).to(y.dtype)
+                adapter = self.lora[name]
+                if isinstance(adapter, DoRA):  # rescales y: see lorakit.layers.dora
+                    y = dora_forward(self, adapter, x, y, self._unmerged_weight())
+                else:
+                    y = y + self.lora_delta(adapter, x).to(y.dtype)
         return y

@@ -21,9 +21,14 @@ class ConvLoraMixin(LoraLayer):
     def lora_dims(self) -> tuple[int, int, tuple[int, ...]]:
         return self.in_channels, self.out_channels, tuple(self.kernel_size)
 
+    supports_dora = True
+
     def lora_delta(self, adapter: LoRA, x: Tensor) -> Tensor:
-        x = adapter.dropout(x.to(adapter.lora_A.dtype))
-        h = self._conv_forward(x, adapter.lora_A, None)  # the base's stride/padding/dilation
+        return self.lora_product(adapter, adapter.dropout(x.to(adapter.lora_A.dtype)))
+
+    def lora_product(self, adapter: LoRA, x: Tensor) -> Tensor:
+        """s * B(A(x)) without dropout: A a conv with the base's stride, padding, dilation."""
+        h = self._conv_forward(x, adapter.lora_A, None)
         return _POINTWISE[len(self.kernel_size)](h, adapter.lora_B) * adapter.scaling
 
 

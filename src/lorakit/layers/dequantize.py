@@ -3,8 +3,13 @@
 bitsandbytes keeps a 4-bit weight as packed codes (shape (out * in / 2, 1)) plus a
 `quant_state` (block scales, the original shape and dtype), and an 8-bit weight as int8 rows
 plus per-row scales (`SCB`). Both come back to float32 (out, in) here. On a CPU with
-AVX512-BF16, bitsandbytes repacks a 4-bit weight in place during inference; that layout is
-undone first (as bitsandbytes' own state-dict saving does), so the codes read are the layer's.
+AVX512-BF16, bitsandbytes repacks a 4-bit weight in place during inference (eval mode, no
+grad); that layout is undone first (as bitsandbytes' own state-dict saving does), so the codes
+read are the layer's.
+
+That repacking also breaks training (bitsandbytes 0.50): a repacked layer keeps its layout
+when training resumes, and its kernel has no backward, so the gradient to its input is
+silently dropped (or an in-place bias add fails). `keep_trainable_layout` turns it off.
 """
 
 from __future__ import annotations
@@ -35,6 +40,16 @@ def _unpacked_4bit(module: nn.Module) -> None:
         weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(
             weight.data, weight.quant_state
         )
+
+
+def keep_trainable_layout(module: nn.Module) -> None:
+    """Keep a bitsandbytes 4-bit layer in the layout its backward supports: undo a CPU
+    inference repacking and turn it off for this layer (its CPU inference then runs the
+    training kernel: correct gradients after an evaluation, at some inference speed)."""
+    if isinstance(getattr(module, "weight", None), bnb.nn.Params4bit):
+        module.support_avx512bf16_for_cpu = False
+        if module.weight.quant_state is not None:
+            _unpacked_4bit(module)
 
 
 def dequantized_weight(module: nn.Module) -> Tensor:

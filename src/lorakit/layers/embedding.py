@@ -13,6 +13,7 @@ class EmbeddingLoraMixin(LoraLayer):
     """Mixin: the per-type math of an embedding table (vocab, dim)."""
 
     is_embedding = True
+    supports_dora = True
 
     def lora_dims(self) -> tuple[int, int, tuple[int, ...]]:
         vocab, dim = self.weight.shape

@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from ..fused import autocast_dtype, fused_lora_linear
 from .base import LoraLayer
+from .dora import DoRA, dora_rescaled
 from .lora import LoRA
 
 
@@ -23,12 +24,15 @@ class LinearLoraMixin(LoraLayer):
     adapter subclass, dropout under torch.compile. One difference by design: with adapters in
     a wider dtype than the base (float32 adapters on a bf16 model) the fused path computes the
     low-rank term in the base's dtype, as autocast would, where the plain path upcasts x;
-    the adapters' gradients still arrive in their own dtype.
+    the adapters' gradients still arrive in their own dtype. A DoRA adapter rides the fused
+    path as the last active adapter, without dropout in training and with nothing merged: the
+    fused op without bias, then f * y + b (`layers.dora.dora_rescaled`).
     """
 
     # The base class whose forward the fused op reproduces, and the layout of `weight`.
     fused_base: ClassVar[type[nn.Module]] = nn.Linear
     weight_transposed: ClassVar[bool] = False
+    supports_dora = True
 
     def lora_dims(self) -> tuple[int, int, tuple[int, ...]]:
         out_features, in_features = self.weight.shape
@@ -42,16 +46,18 @@ class LinearLoraMixin(LoraLayer):
         adapters = self._fused_adapters(x)
         if not adapters:
             return super().forward(x)
-        return fused_lora_linear(
+        dora = adapters[-1] if type(adapters[-1]) is DoRA else None
+        y = fused_lora_linear(
             x,
             self.weight,
-            self.bias,
+            None if dora else self.bias,
             tuple(a.lora_A for a in adapters),
             tuple(a.lora_B for a in adapters),
             tuple(a.scaling for a in adapters),
             dropout=tuple(_dropout_p(a) for a in adapters),  # masks: global RNG, as nn.Dropout
             transposed=self.weight_transposed,
         )
+        return y if dora is None else dora_rescaled(self, dora, y)
 
     def _fused_adapters(self, x: Tensor) -> list[LoRA]:
         """Adapters the fused path adds, or [] when the plain path must run instead."""
@@ -65,8 +71,15 @@ class LinearLoraMixin(LoraLayer):
             return []
         merged, modules = self.lora_merged, self.lora._modules
         adapters = [modules[n] for n in self.lora_active if n not in merged]
-        for adapter in adapters:
-            if type(adapter) is not LoRA or type(adapter.dropout) not in (nn.Dropout, nn.Identity):
+        for i, adapter in enumerate(adapters):
+            # a LoRA subclass or an unusual dropout: the plain path computes it
+            if type(adapter) not in (LoRA, DoRA):
+                return []
+            if type(adapter.dropout) not in (nn.Dropout, nn.Identity):
+                return []
+            # DoRA rescales all before it: fused as the last adapter, without dropout in
+            # training (PEFT's other form) and with W unmerged (its norm is of the base W)
+            if type(adapter) is DoRA and (i < len(adapters) - 1 or _dropout_p(adapter) or merged):
                 return []
             if _dropout_p(adapter) > 0 and torch.compiler.is_compiling():
                 return []  # nn.Dropout compiles as is; the 16-bit CPU masks are eager-only

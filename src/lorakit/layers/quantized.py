@@ -26,7 +26,7 @@ from torch import nn
 from ..config import LoraConfig
 from ..errors import MergeError
 from .base import LoraLayer
-from .dequantize import dequantized_weight, original_dtype
+from .dequantize import dequantized_weight, keep_trainable_layout, original_dtype
 from .linear import LinearLoraMixin
 from .lora import LoRA
 
@@ -89,6 +89,13 @@ class QuantizedLinearLoraMixin(LinearLoraMixin):
 
 class Linear4bitLoraMixin(QuantizedLinearLoraMixin):
     bits = 4
+
+    @classmethod
+    def adapt(cls, module: nn.Module) -> LoraLayer:
+        """As `LoraLayer.adapt`, and without bitsandbytes' CPU inference repacking, whose
+        kernel has no backward (see `dequantize.keep_trainable_layout`)."""
+        keep_trainable_layout(module)
+        return super().adapt(module)
 
 
 class Linear8bitLoraMixin(QuantizedLinearLoraMixin):
