@@ -381,3 +381,22 @@ def test_dora_refused_where_it_does_not_apply(make: Callable[[], nn.Module], mat
 def test_use_dora_must_be_a_bool() -> None:
     with pytest.raises(ConfigError, match=r"use_dora must be a bool, got 'yes'"):
         lorakit.LoraConfig(use_dora="yes")  # type: ignore[arg-type]
+
+
+def test_bfloat16_fused_path_keeps_a_magnitude_near_one() -> None:
+    """f = 1.003 (float32 m) rounds to 1 in bfloat16: the fused path carries f - 1 instead."""
+    torch.manual_seed(0)
+    model = Holder(nn.Linear(64, 32)).to(torch.bfloat16)
+    lorakit.inject(model, lorakit.LoraConfig(rank=4, targets=("layer",), use_dora=True))
+    layer = model.layer
+    with torch.no_grad():
+        layer.lora["default"].magnitude.mul_(1.003)
+    x = torch.randn(256, 64, dtype=torch.bfloat16)
+    assert layer._fused_adapters(x)
+    with torch.no_grad():
+        got = model(x).double()
+    bias = layer.bias.double()
+    plain = x.double() @ layer.weight.double().t()
+    # bfloat16 rounds each output by ~0.2%, without bias: the mean relative shift shows f
+    shift = ((got - bias - plain) * plain.sign()).mean() / plain.abs().mean()
+    assert 0.0025 < shift < 0.0035
