@@ -208,9 +208,17 @@ def test_merge_a_finetune_adapter_onto_the_bare_base(finetuned, tmp_path: Path, 
 
 
 def test_merge_without_task_info_names_the_class_problem(finetuned, tmp_path: Path, capsys):
+    from lorakit.checkpoint.files import canonical, open_adapter
+    from lorakit.checkpoint.save import write_files
+
     base, run = finetuned
     adapter = shutil.copytree(run / "adapter", tmp_path / "adapter")  # no run.json beside it
     argv = ["merge", "--base", str(base), "--adapter", str(adapter), "--out"]
+    assert main([*argv, str(tmp_path / "task-recorded")]) == 0  # the adapter's task_type
+    with open_adapter(adapter) as files:  # an adapter that records no task_type
+        tensors, config = files.read(list(files.entries)), {**files.config, "task_type": None}
+        metadata = {**files.metadata, "lorakit_config": canonical(config)}
+    write_files(adapter, tensors, {k: v for k, v in metadata.items() if k != "format"}, config)
     assert main([*argv, str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert "was trained on a model with a task head (its layers sit under 'bert.')" in err

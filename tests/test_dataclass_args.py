@@ -16,6 +16,7 @@ from lorakit.config import Bias, Init
 from lorakit.train import TrainOptions
 from lorakit.train.options import Batching, Padding, Progress, Schedule, Task, option
 from lorakit.train.precision import Precision
+from lorakit.train.quantize import Optim, Quantize
 from lorakit.train.tokenization import TruncationSide
 
 
@@ -52,7 +53,7 @@ def test_every_field_has_a_flag_with_help_in_its_group(field: dataclasses.Field)
 def test_choices_are_the_literal_annotations_values() -> None:
     literals = {"task": Task, "padding": Padding, "truncation_side": TruncationSide,
                 "schedule": Schedule, "precision": Precision, "progress": Progress,
-                "batching": Batching}  # fmt: skip
+                "batching": Batching, "quantize": Quantize, "optim": Optim}  # fmt: skip
     actions = _actions()
     for name, literal in literals.items():
         assert tuple(actions[flag(name)].choices) == get_args(literal)

@@ -12,7 +12,7 @@ from torch.utils.data import DistributedSampler
 from lorakit.errors import ConfigError
 from lorakit.train.data_order import remaining_windows, windows
 from lorakit.train.distributed import DistEnv
-from lorakit.train.length_groups import cut, length_grouped, micro_batches
+from lorakit.train.length_groups import cut, grouped_order, length_grouped
 from lorakit.train.options import TrainOptions
 from lorakit.train.run_state import RunState
 
@@ -38,15 +38,36 @@ def _pad_tokens(data, batches: list[list[int]]) -> int:
 
 @pytest.mark.parametrize("world_size", [1, 2, 3])
 @pytest.mark.parametrize("batch_size", [1, 4, 7])
-def test_each_rank_gets_the_examples_of_random_batching(world_size: int, batch_size: int) -> None:
+def test_the_ranks_share_the_examples_of_random_batching(world_size: int, batch_size: int) -> None:
     data = _data()
     for epoch in range(2):
+        grouped, plain = [], []
         for rank in range(world_size):
             env = DistEnv(rank, world_size)
-            grouped = _micro(data, _options(batch_size=batch_size), env, epoch)
-            plain = _micro(data, _options(batch_size=batch_size, batching="random"), env, epoch)
-            assert Counter(i for b in grouped for i in b) == Counter(i for b in plain for i in b)
-            assert len(grouped) == len(plain)  # as many steps as before
+            mine = _micro(data, _options(batch_size=batch_size), env, epoch)
+            theirs = _micro(data, _options(batch_size=batch_size, batching="random"), env, epoch)
+            assert [len(b) for b in mine] == [len(b) for b in theirs]  # same steps, same sizes
+            grouped, plain = grouped + mine, plain + theirs
+        counts = Counter(i for b in grouped for i in b)
+        assert sorted(counts) == list(range(len(data)))  # every example, ...
+        repeats = sum(counts.values()) - len(data)
+        assert repeats == sum(len(b) for b in plain) - len(data) < world_size  # ... once, but
+        # for as many repeats as the random batches pad the ranks' shares with
+
+
+@pytest.mark.parametrize("n", [204, 203])  # 203: ranks pad with repeats in the last step
+@pytest.mark.parametrize(("world_size", "grad_accum"), [(1, 3), (2, 1), (3, 1), (2, 3)])
+def test_a_step_holds_the_same_examples_with_any_split(n, world_size, grad_accum) -> None:
+    data = _data(n)
+    one = list(windows(data, _options(batch_size=4 * world_size * grad_accum, grad_accum=1),
+                       DistEnv(), 0, 0))  # fmt: skip
+    split = [
+        windows(data, _options(batch_size=4, grad_accum=grad_accum), DistEnv(r, world_size), 0, 0)
+        for r in range(world_size)
+    ]
+    steps = [sorted(i for w in parts for m in w for i in m) for parts in zip(*split, strict=True)]
+    assert len(steps) == len(one)
+    assert steps[:-1] == [sorted(sum(whole, [])) for whole in one[:-1]]
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 3])
@@ -74,31 +95,23 @@ def test_grouped_batches_pad_less_than_random_ones(seed: int) -> None:
     assert grouped < plain / 4
 
 
-def test_batches_are_drawn_from_sorted_mega_batches() -> None:
+def test_steps_are_drawn_from_sorted_mega_batches() -> None:
     lengths = {i: i % 10 for i in range(40)}
-    batches = length_grouped(list(range(40)), lengths, 4, 1, seed=0, epoch=0)
-    assert sorted(batches) == sorted([i for i in range(40) if i % 10 == k] for k in range(10))
+    steps = cut(length_grouped(list(range(40)), lengths, 4, seed=0, epoch=0), 4)
+    assert sorted(steps) == sorted([i for i in range(40) if i % 10 == k] for k in range(10))
 
 
 def test_the_short_step_stays_last() -> None:
     lengths = {i: i for i in range(23)}
     for seed in range(5):
-        batches = length_grouped(list(range(23)), lengths, 4, 2, seed=seed, epoch=0)
-        assert [len(b) for b in batches] == [4, 4, 4, 4, 4, 3]
-        assert sorted(batches[-2] + batches[-1]) == list(range(7))  # the 7 shortest
-
-
-def test_accumulated_micro_batches_hold_the_examples_of_one_bigger_batch() -> None:
-    data, env = _data(), DistEnv()
-    accumulated = windows(data, _options(batch_size=4, grad_accum=3), env, 0, 0)
-    bigger = windows(data, _options(batch_size=12, grad_accum=1), env, 0, 0)
-    assert [sorted(sum(w, [])) for w in accumulated] == [sorted(sum(w, [])) for w in bigger]
+        order = length_grouped(list(range(23)), lengths, 8, seed=seed, epoch=0)
+        assert sorted(order[-7:]) == list(range(7))  # the 7 shortest
 
 
 def test_items_without_input_ids_are_batched_as_they_come() -> None:
-    order = [5, 3, 1, 0, 2, 4]
-    batches = micro_batches(list(range(6)), order, _options(grad_accum=1), 0)
-    assert batches == [[5, 3, 1, 0], [2, 4]]
+    assert grouped_order(list(range(6)), [5, 3, 1, 0, 2, 4], 4, 0, 0) is None
+    random_batches = _micro(list(range(6)), _options(batching="random"), DistEnv())
+    assert _micro(list(range(6)), _options(), DistEnv()) == random_batches
 
 
 def _train(data, options: TrainOptions, total: int, state: RunState) -> list:
@@ -118,6 +131,11 @@ def test_a_resumed_run_sees_the_uninterrupted_batches(stop: int) -> None:
     head = _train(data, options, stop, first)
     resumed = RunState(first.step, first.epoch, first.batch)
     assert head + _train(data, options, 60, resumed) == whole
+
+
+def test_packed_batches_are_grouped_by_length_too() -> None:
+    data, env = _data(), DistEnv()
+    assert _micro(data, _options(batching="packed"), env) == _micro(data, _options(), env)
 
 
 def test_an_unknown_batching_is_refused_by_name() -> None:

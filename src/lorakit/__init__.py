@@ -1,5 +1,6 @@
 """lorakit: Low-Rank Adaptation for PyTorch models. y = W x + (alpha / rank) * B(A x)."""
 
+from . import optim
 from ._version import __version__
 from .adapters import active_adapters, adapter_names, delete_adapter, set_active
 from .checkpoint import from_pretrained, load_adapter, save_adapter
@@ -57,6 +58,7 @@ __all__ = [
     "lora_delta",
     "lora_layers",
     "merge",
+    "optim",
     "merge_and_unload",
     "output_size",
     "print_trainable_parameters",

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from .errors import AdapterError, MergeError
+from .layers import LoraLayer
 from .tree import lora_layers
 
 
@@ -33,14 +34,29 @@ def merge(model: nn.Module, keep_original: bool = True) -> nn.Module:
     rounds (see the module docstring for the bound).
 
     Raises:
-        MergeError: an adapter holds NaN or inf (checked on every layer before any write), or
-            an adapted weight is tied to another module, which merging would change too.
+        MergeError: an adapter holds NaN or inf (checked on every layer before any write), an
+            adapted weight is tied to another module, which merging would change too, or an
+            adapted layer is quantized (bitsandbytes 4-bit / 8-bit: rounding the merged
+            weight back to its codes would lose the adapter; `merge_and_unload` dequantizes).
         AdapterError: called inside `disabled(model)`.
     """
+    layers = _check_adapters(model)
+    _check_untied(model)
+    for name, layer in layers:
+        todo = [n for n in layer.lora_active if n not in layer.lora_merged]
+        if getattr(layer, "is_quantized", False) and todo:
+            raise MergeError(f"layer {name!r}: {layer.merge_refusal(todo[0])}; nothing was merged")
+    for _, layer in layers:
+        layer.merge(keep_original=keep_original)
+    return model
+
+
+def _check_adapters(model: nn.Module) -> list[tuple[str, LoraLayer]]:
+    """The model's LoRA layers, once no `disabled` block is open and no active adapter holds
+    NaN or inf (a merge would write them into the base)."""
     layers = list(lora_layers(model))
     if any(layer.lora_disabled for _, layer in layers):
         raise AdapterError("cannot merge inside lorakit.disabled(model); merge after the block")
-    _check_untied(model)
     for name, layer in layers:
         for adapter_name in layer.lora_active:
             for p in layer.lora[adapter_name].parameters():
@@ -49,9 +65,7 @@ def merge(model: nn.Module, keep_original: bool = True) -> nn.Module:
                         f"adapter {adapter_name!r} of layer {name!r} holds NaN or inf; "
                         "nothing was merged"
                     )
-    for _, layer in layers:
-        layer.merge(keep_original=keep_original)
-    return model
+    return layers
 
 
 def _check_untied(model: nn.Module) -> None:
@@ -89,11 +103,31 @@ def unload(model: nn.Module) -> nn.Module:
 
 
 def merge_and_unload(model: nn.Module) -> nn.Module:
-    """Merge the active adapters, then remove all adapters: a plain model of original classes."""
+    """Merge the active adapters, then remove all adapters: a plain model of original classes.
+
+    A quantized layer (bitsandbytes Linear4bit / Linear8bitLt) becomes a full-precision
+    `nn.Linear`: its weight dequantized, then the adapters added (never rounded back into
+    4-bit or 8-bit codes). Raises as `merge`.
+    """
+    _check_adapters(model)
+    _unload_quantized(model)
     merge(model, keep_original=False)  # nothing is unmerged after this: no copy needed
     for _, layer in list(lora_layers(model)):
         layer.restore()
     return model
+
+
+def _unload_quantized(model: nn.Module) -> None:
+    """Replace each quantized LoRA layer by its merged full-precision Linear, at every path
+    that holds it."""
+    quantized = {id(m): m for _, m in lora_layers(model) if getattr(m, "is_quantized", False)}
+    if not quantized:
+        return
+    merged = {key: layer.merged_linear() for key, layer in quantized.items()}
+    for parent in list(model.modules()):
+        for child_name, child in list(parent.named_children()):
+            if id(child) in merged:
+                setattr(parent, child_name, merged[id(child)])
 
 
 @contextmanager

@@ -19,6 +19,7 @@ from pathlib import Path
 from torch import Tensor
 
 from ..errors import CheckpointError
+from .base_model import saved_labels
 from .io import CONFIG_NAME, WEIGHTS_NAME, find_weights, folder_lock, read_json, read_pickle
 from .safetensors_file import SafetensorsFile
 from .validate import TensorInfo, check_unique, saved_config, saved_shapes
@@ -95,6 +96,7 @@ def open_adapter(
             entries, metadata = dict(st.entries), st.metadata
         check_unique(entries, weights)
         saved_shapes(metadata, weights)  # well formed, whether or not a model checks it
+        saved_labels(metadata, weights)
         saved = saved_config(metadata, weights)
         if saved is not None and canonical(saved) != canonical(raw):
             warnings.warn(

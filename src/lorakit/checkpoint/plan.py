@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from ..config import ALL_LINEAR, LoraConfig
 from ..layers import lora_class
 from ..layers.dora import magnitude_shape
+from ..layers.registry import weight_shape
 from ..names import name_matches
 from ..tree import base_modules
 from .peft_format import lora_keys, magnitude_key, param_key
@@ -111,8 +112,9 @@ def peft_targets(config: LoraConfig, modules: Modules, adapted: list[str]) -> st
 
 
 def base_shapes(targets: list[tuple[str, nn.Module]]) -> dict[str, list[int]]:
-    """{path: weight shape} of the adapted layers: the base model's fingerprint material."""
-    return {path: list(module.weight.shape) for path, module in targets}
+    """{path: weight shape} of the adapted layers: the base model's fingerprint material
+    (a quantized weight's original shape, so a quantized and a full base agree)."""
+    return {path: list(weight_shape(module)) for path, module in targets}
 
 
 def factor_dtype(slots: Mapping[str, Slot], tensors: Mapping[str, Tensor]) -> torch.dtype:

@@ -20,6 +20,7 @@ from ..errors import AdapterError
 from ..layers import LoraLayer
 from ..tree import base_modules
 from .atomic import atomic_write
+from .base_model import BaseModelInfo, describe_base, id2label_metadata
 from .files import DEFAULT, adapter_folder, canonical
 from .io import CONFIG_NAME, WEIGHTS_NAME, folder_lock, safetensors_bytes
 from .peft_format import to_peft
@@ -27,10 +28,19 @@ from .plan import Modules, Slot, base_shapes, peft_targets, plan
 from .validate import META_CONFIG, META_FINGERPRINT, META_SHAPES, META_VERSION, fingerprint
 
 
-def save_adapter(model: nn.Module, path: str | PathLike, adapter_name: str = DEFAULT) -> Path:
+def save_adapter(
+    model: nn.Module,
+    path: str | PathLike,
+    adapter_name: str = DEFAULT,
+    *,
+    base_model: str | PathLike | None = None,
+) -> Path:
     """Write adapter `adapter_name` of `model` in PEFT's format; returns the adapter's folder.
 
     "default" goes to `path`, any other name to `path/<name>` (as PEFT's save_pretrained).
+    The adapter records what it needs to be used (see `base_model.py`): `base_model` as the
+    base's name (default: the model config's `_name_or_path`), PEFT's task_type, and a
+    classifier's label names.
     Each file is written to a temporary file beside it, fsynced and renamed into place, the
     weights first; the weights' header also carries the config, so an interrupted save leaves
     the previous adapter (or the new one) loadable, never a mix. Saves (and lorakit's reads)
@@ -50,17 +60,18 @@ def save_adapter(model: nn.Module, path: str | PathLike, adapter_name: str = DEF
     tensors = {
         key: _tensor(model, slot, adapter_name) for key, slot in slots.items() if not slot.optional
     }
-    peft_config = _peft_config(model, config, modules, targets)
+    base = describe_base(model, base_model, config.modules_to_save)
+    peft_config = _peft_config(config, modules, targets, base)
     shapes = base_shapes(targets)
     metadata = {
         META_VERSION: __version__,
         META_FINGERPRINT: fingerprint(shapes),
         META_SHAPES: json.dumps(shapes, sort_keys=True),
         META_CONFIG: canonical(peft_config),
+        **id2label_metadata(base),
     }
     folder = adapter_folder(path, adapter_name)
-    config_bytes = (json.dumps(peft_config, indent=2, sort_keys=True) + "\n").encode()
-    _write(folder, safetensors_bytes(tensors, metadata), config_bytes)
+    write_files(folder, tensors, metadata, peft_config)
     return folder
 
 
@@ -74,18 +85,24 @@ def _tensor(model: nn.Module, slot: Slot, adapter_name: str) -> Tensor:
 
 
 def _peft_config(
-    model: nn.Module, config: LoraConfig, modules: Modules, targets: Modules
+    config: LoraConfig, modules: Modules, targets: Modules, base: BaseModelInfo
 ) -> dict[str, object]:
-    """The adapter_config.json of the adapter `config` on `targets`."""
+    """The adapter_config.json of the adapter `config` on `targets`, for the base `base`."""
     # GPT-2 Conv1D layers store W as (in, out); by the class flag, so transformers stays optional.
     fan_in_fan_out = any(getattr(layer, "weight_transposed", False) for _, layer in targets)
-    name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
     target_modules = peft_targets(config, modules, [p for p, _ in targets])
-    return to_peft(config, target_modules, fan_in_fan_out, name_or_path)
+    peft_config = to_peft(config, target_modules, fan_in_fan_out, base.name_or_path)
+    peft_config["task_type"] = base.task_type
+    return peft_config
 
 
-def _write(folder: Path, weights_bytes: bytes, config_bytes: bytes) -> None:
-    """Write the pair of files, weights first, under the folder's lock."""
+def write_files(
+    folder: Path, tensors: dict[str, Tensor], metadata: dict[str, str], peft_config: dict
+) -> None:
+    """Write the weights (with `metadata` in their header) and adapter_config.json to
+    `folder`, weights first, each atomically, under the folder's lock."""
+    weights_bytes = safetensors_bytes(tensors, metadata)
+    config_bytes = (json.dumps(peft_config, indent=2, sort_keys=True) + "\n").encode()
     config_path = folder / CONFIG_NAME
     folder.mkdir(parents=True, exist_ok=True)
     with folder_lock(folder):  # another save of this folder waits: the pair stays one save's

@@ -47,6 +47,8 @@ FIELDS: dict[str, tuple[str, Callable[[object], bool]]] = {
     "use_dora": ("true or false", _optional(lambda v: isinstance(v, bool))),
     "bias": ("a string", _optional(lambda v: isinstance(v, str))),
     "init_lora_weights": ("true, false or a string", lambda v: isinstance(v, (bool, str))),
+    "task_type": ("a string", _optional(lambda v: isinstance(v, str))),
+    "base_model_name_or_path": ("a string", _optional(lambda v: isinstance(v, str))),
 }
 
 

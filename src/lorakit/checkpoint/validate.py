@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import CheckpointError
+from ..layers.registry import weight_shape
 from .peft_format import with_prefix
 from .plan import Slot
 from .safe_json import parse_json
@@ -100,15 +101,15 @@ def check_base(model: nn.Module, metadata: Mapping[str, str], weights: Path) -> 
     problems = []
     for path, shape in shapes.items():
         try:
-            weight = model.get_submodule(path).weight
+            here = weight_shape(model.get_submodule(path))
         except AttributeError:
             problems.append(f"{path!r} does not exist here")
             continue
-        if list(weight.shape) != shape:
-            problems.append(f"{path!r} weight is {tuple(shape)} there, {tuple(weight.shape)} here")
+        if list(here) != shape:
+            problems.append(f"{path!r} weight is {tuple(shape)} there, {here} here")
     if problems:
         here = fingerprint(
-            {p: list(model.get_submodule(p).weight.shape) for p in shapes if _has(model, p)}
+            {p: list(weight_shape(model.get_submodule(p))) for p in shapes if _has(model, p)}
         )
         raise CheckpointError(
             f"{folder} was saved for another base model (fingerprint "

@@ -1,7 +1,8 @@
 """`lorakit inspect PATH [--json]`: what an adapter folder holds, without loading a model.
 
-Prints the PEFT config, rank / alpha / scale per adapted module, parameter count, file size,
-and the base model fingerprint lorakit records in the safetensors header.
+Prints the base model, task and label names the adapter was saved for, the PEFT config,
+rank / alpha / scale per adapted module, parameter count, file size, and the base model
+fingerprint lorakit records in the safetensors header.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import json
 from pathlib import Path
 
 from ..checkpoint import META_FINGERPRINT, META_VERSION, read_adapter
+from ..checkpoint.base_model import read_base
 from ..checkpoint.io import CONFIG_NAME, WEIGHTS_NAME
 from ..checkpoint.peft_format import PREFIX, from_peft
 from ..config import scaling
@@ -32,6 +34,7 @@ def describe(path: str | Path, adapter_name: str = "default", allow_pickle: bool
     weights = folder / WEIGHTS_NAME
     if not weights.is_file():
         weights = folder / "adapter_model.bin"
+    base = read_base(raw, metadata, folder, weights)
     shapes = {k.removeprefix(PREFIX): tuple(t.shape) for k, t in tensors.items()}
     numels = {k.removeprefix(PREFIX): t.numel() for k, t in tensors.items()}
     modules = []
@@ -58,6 +61,9 @@ def describe(path: str | Path, adapter_name: str = "default", allow_pickle: bool
     others = sorted(k for k in shapes if k not in lora_keys)
     return {
         "path": str(folder),
+        "base_model": base.name_or_path,
+        "task_type": base.task_type,
+        "labels": None if base.labels is None else list(base.labels),
         "config": raw,
         "modules": modules,
         "other_tensors": others,  # modules_to_save, biases, saved embeddings
@@ -96,6 +102,8 @@ def format_text(info: dict) -> str:
     print_fp = info["base_fingerprint"] or "not recorded (not saved by lorakit)"
     fields = [
         ("adapter", info["path"]),
+        ("base model", info["base_model"] or "not recorded"),
+        ("task", info["task_type"] or "not recorded"),
         ("file", f"{info['file']}, {_size(info['file_bytes'])}, {'/'.join(info['dtypes'])}"),
         ("parameters", f"{info['parameters']:,} ({info['lora_parameters']:,} in LoRA factors)"),
         ("base fingerprint", print_fp),
@@ -104,6 +112,8 @@ def format_text(info: dict) -> str:
         ("targets", str(targets)),
         ("dropout, bias", f"{c.get('lora_dropout')}, {c.get('bias')}"),
     ]  # fmt: skip
+    if info["labels"] is not None:
+        fields.insert(3, ("labels", ", ".join(info["labels"])))
     if c.get("modules_to_save"):
         fields.append(("modules_to_save", str(c["modules_to_save"])))
     if c.get("rank_pattern") or c.get("alpha_pattern"):

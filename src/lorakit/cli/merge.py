@@ -1,14 +1,16 @@
-"""`lorakit merge --base MODEL_DIR --adapter PATH --out DIR`: fold an adapter into a model.
+"""`lorakit merge [--base MODEL_DIR] --adapter PATH --out DIR`: fold an adapter into a model.
 
-Loads the `transformers` model in MODEL_DIR (local files only) with the head of the
+Loads the `transformers` model in MODEL_DIR (local files only; default: the base model the
+adapter records, a folder or the "smollm2" alias) with the head of the
 adapter's task, loads the adapter (PEFT format) into it, merges W' = W + s B A, removes the
 adapter layers and writes a plain `transformers` folder (safetensors) that `from_pretrained`
 loads with the adapted outputs. Tokenizer and other side files of MODEL_DIR are copied along.
 The folder is written beside DIR under a temporary name and renamed into place at the end.
 
 The task comes from --task, else the adapter's `task_type`, else the `run.json` that
-`lorakit finetune` writes beside its adapter (which also carries the label names), else the
-model folder's config (`architectures[0]`).
+`lorakit finetune` writes beside its adapter, else the model folder's config
+(`architectures[0]`). A classifier's label names come from the adapter (lorakit_id2label),
+else from that run.json.
 """
 
 from __future__ import annotations
@@ -22,8 +24,10 @@ from torch import nn
 
 from ..checkpoint import load_adapter, read_adapter
 from ..checkpoint.atomic import atomic_folder
-from ..checkpoint.io import read_json
+from ..checkpoint.base_model import BaseModelInfo, read_base
+from ..checkpoint.io import PICKLE_NAME, WEIGHTS_NAME, read_json
 from ..errors import CheckpointError
+from ..llm.model import SMOLLM2, resolve_model
 from ..merge import merge_and_unload
 from ..train.model import check_weight_files, head_labels, load_model, read_model_config
 from ..train.options import TASKS
@@ -80,14 +84,33 @@ def _load_by_architecture(model_dir: Path) -> nn.Module:
 
 
 def adapter_task(
-    folder: Path, raw: dict[str, Any], task: str | None
+    folder: Path, raw: dict[str, Any], task: str | None, stored: BaseModelInfo | None = None
 ) -> tuple[str | None, dict[str, int] | None]:
-    """(task, labels) of the adapter in `folder`: --task, PEFT's task_type, or finetune's
-    run.json beside the folder; labels (label -> id) only from run.json."""
+    """(task, labels) of the adapter in `folder`: --task, else the task and labels the adapter
+    records (`stored`: PEFT's task_type, lorakit_id2label), else finetune's run.json beside
+    the folder."""
+    stored = stored or BaseModelInfo(task_type=raw.get("task_type"))
     run = _read_run(folder.parent / RUN_FILE)
-    task = task or _PEFT_TASKS.get(str(raw.get("task_type"))) or run.get("task")
-    labels = run.get("labels") if task == "seq-cls" else None
-    return task, labels
+    task = task or stored.task or run.get("task")
+    if task != "seq-cls":
+        return task, None
+    return task, stored.label_map or run.get("labels")
+
+
+def base_folder(base: Path | None, stored: BaseModelInfo, adapter: Path) -> Path:
+    """--base, else the base model the adapter records (a folder, or the "smollm2" alias).
+
+    Raises:
+        CheckpointError: no --base and the adapter records none.
+    """
+    if base is not None:
+        return base
+    if stored.name_or_path is None:
+        raise CheckpointError(f"{adapter} does not record its base model "
+                              "(base_model_name_or_path); pass --base MODEL_DIR")  # fmt: skip
+    if stored.name_or_path == SMOLLM2:
+        return resolve_model(SMOLLM2)
+    return Path(stored.name_or_path)
 
 
 def _read_run(path: Path) -> dict[str, Any]:
@@ -146,14 +169,15 @@ def _save(model: nn.Module, base: Path, folder: Path) -> None:
 
 
 def merge_folder(
-    base: Path,
+    base: Path | None,
     adapter: Path,
     out: Path,
     adapter_name: str = "default",
     allow_pickle: bool = False,
     task: str | None = None,
 ) -> tuple[int, Path]:
-    """Write base + adapter, merged, to `out`; returns (layers merged, out).
+    """Write base + adapter, merged, to `out`; returns (layers merged, out). `base` None:
+    the base model the adapter records.
 
     Raises:
         CheckpointError: `out` exists and is not empty or cannot be written, base / adapter
@@ -162,8 +186,10 @@ def merge_folder(
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise CheckpointError(f"--out {out} exists and is not empty; pick a new folder")
     # Read and check the adapter first: it is small, the model is not.
-    folder, raw, tensors, _ = read_adapter(adapter, adapter_name, allow_pickle=allow_pickle)
-    task, labels = adapter_task(folder, raw, task)
+    folder, raw, tensors, metadata = read_adapter(adapter, adapter_name, allow_pickle=allow_pickle)
+    stored = read_base(raw, metadata, folder, _weights(folder))
+    task, labels = adapter_task(folder, raw, task, stored)
+    base = base_folder(base, stored, adapter)
     try:
         # made first, so an unwritable --out fails before the model loads; owner-only as ever
         with atomic_folder(out, replace=False, mode=0o700) as tmp:
@@ -183,16 +209,22 @@ def merge_folder(
     return layers, out
 
 
+def _weights(folder: Path) -> Path:
+    """The weights file `read_adapter` read (safetensors, else the legacy pickle)."""
+    weights = folder / WEIGHTS_NAME
+    return weights if weights.is_file() else folder / PICKLE_NAME
+
+
 def run(args: argparse.Namespace) -> int:
     layers, out = merge_folder(
-        Path(args.base),
+        None if args.base is None else Path(args.base),
         Path(args.adapter),
         Path(args.out),
         args.adapter_name,
         args.allow_pickle,
         args.task,
     )
-    print(f"merged {args.adapter} into {layers} layers of {args.base} -> {out}")
+    print(f"merged {args.adapter} into {layers} layers of {args.base or 'its base'} -> {out}")
     return 0
 
 
@@ -202,8 +234,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="merge an adapter into its base model and save a plain transformers folder",
         description=__doc__.splitlines()[0],
     )
-    parser.add_argument("--base", required=True, metavar="MODEL_DIR",
-                        help="transformers model folder (config.json + weights)")  # fmt: skip
+    parser.add_argument("--base", metavar="MODEL_DIR",
+                        help="transformers model folder (config.json + weights); default: the "
+                        "base the adapter records (a folder, or smollm2)")  # fmt: skip
     parser.add_argument("--adapter", required=True, metavar="PATH", help="adapter folder")
     parser.add_argument("--out", required=True, metavar="DIR", help="new folder to write")
     parser.add_argument(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from functools import cache
 
 from torch import nn
@@ -37,6 +38,25 @@ try:  # GPT-2's Conv1D, when transformers is installed
 except ImportError:  # pragma: no cover - transformers is an extra
     pass
 
+_QUANTIZED_REGISTERED = False
+
+
+def _register_quantized() -> None:
+    """Add bitsandbytes' quantized linears once bitsandbytes is imported.
+
+    Lazily: importing bitsandbytes takes seconds, and a model can only hold its layers once
+    something imported it, so `import lorakit` never does.
+    """
+    global _QUANTIZED_REGISTERED
+    if _QUANTIZED_REGISTERED or "bitsandbytes" not in sys.modules:
+        return
+    _QUANTIZED_REGISTERED = True
+    from .quantized import QUANTIZED_CLASSES, QUANTIZED_MIXINS
+
+    LORA_CLASSES.update(QUANTIZED_CLASSES)
+    _MIXINS[:0] = QUANTIZED_MIXINS
+
+
 LINEAR_TYPES: tuple[type[nn.Module], ...] = tuple(
     t for t, m in _MIXINS if issubclass(m, LinearLoraMixin)
 )
@@ -47,6 +67,7 @@ def lora_class(module: nn.Module) -> type[LoraLayer]:
     cls = type(module)
     if isinstance(module, LoraLayer):
         return cls
+    _register_quantized()
     if isinstance(module, nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params():
         raise UnsupportedLayerError(
             f"cannot adapt an uninitialised lazy layer {cls.__name__}: run one forward pass first"
@@ -65,12 +86,39 @@ def lora_class(module: nn.Module) -> type[LoraLayer]:
             f"cannot adapt {cls.__name__} with max_norm={module.max_norm}: the base renormalises "
             "its rows, so the adapted and merged outputs would differ"
         )
+    if issubclass(found, LinearLoraMixin) and isinstance(module, nn.Linear):
+        _check_plain_weight(module, found)
     groups = getattr(module, "groups", 1)
     if issubclass(found, ConvLoraMixin) and groups != 1:
         raise UnsupportedLayerError(
             f"cannot adapt {cls.__name__} with groups={groups}: LoRA supports groups=1 convs"
         )
     return found
+
+
+def _check_plain_weight(module: nn.Linear, found: type[LoraLayer]) -> None:
+    """A Linear subclass lorakit has no quantized support for must hold a float (out, in)
+    weight: a packed or integer one (another library's quantized layer) would fail at
+    forward time with a shape error, or merge into codes."""
+    if getattr(found, "is_quantized", False):
+        return
+    weight = module.weight
+    expected = (module.out_features, module.in_features)
+    if tuple(weight.shape) != expected or not weight.dtype.is_floating_point:
+        raise UnsupportedLayerError(
+            f"cannot adapt a layer of type {type(module).__name__}: its weight is "
+            f"{tuple(weight.shape)} {weight.dtype}, not a float {expected} weight (a quantized "
+            "layer?); LoRA supports bitsandbytes' Linear4bit and Linear8bitLt among quantized "
+            "layers"
+        )
+
+
+def weight_shape(module: nn.Module) -> tuple[int, ...]:
+    """The shape of `module`'s weight as the model sees it: a bitsandbytes 4-bit weight's
+    original shape, not its packed codes', so quantized and full bases give one shape."""
+    state = getattr(module.weight, "quant_state", None)
+    shape = getattr(state, "shape", None)
+    return tuple(shape) if shape is not None else tuple(module.weight.shape)
 
 
 @cache

@@ -1,5 +1,5 @@
-"""The model of a `finetune` run: loaded from its folder, LoRA injected (with the
-classification head trained in full for seq-cls)."""
+"""The model of a `finetune` run: loaded from its folder (quantized with `--quantize`), LoRA
+injected (with the classification head trained in full for seq-cls)."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from .grad_checkpoint import enable_gradient_checkpointing
 from .model import load_model
 from .options import TrainOptions
 from .precision import load_dtype, upcast
+from .quantize import prepare_quantized, quantization_config
 
 # The command line's LoRA defaults: rank 8, alpha 16 on every linear layer (plus the head).
 DEFAULT_LORA = LoraConfig(rank=8, alpha=16.0, targets="all-linear")
@@ -38,18 +39,30 @@ def prepare_model(
     options: TrainOptions, lora: LoraConfig | None, inputs: FinetuneInputs, data: FinetuneData
 ) -> AdaptedModel:
     """Load the model and inject `lora` (default `DEFAULT_LORA`), with gradient checkpointing
-    if asked; in bf16 the parts trained in full are kept in float32."""
+    if asked; in bf16 the parts trained in full are kept in float32, and with `quantize` the
+    norms too (see `train.quantize`)."""
     torch.manual_seed(options.seed)  # the head's and the adapter's initial values
-    model = load_model(inputs.model_dir, inputs.task, data.label_map, load_dtype(options.precision))
+    lora = lora or DEFAULT_LORA
+    quantization = quantization_config(
+        options.quantize, options.precision == "bf16", keep=(*HEAD_NAMES, *lora.modules_to_save)
+    )
+    model = load_model(
+        inputs.model_dir,
+        inputs.task,
+        data.label_map,
+        load_dtype(options.precision),
+        quantization_config=quantization,
+    )
+    if quantization is not None:
+        prepare_quantized(model)
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = data.pad  # seq-cls heads find the last real token with it
-    lora = lora or DEFAULT_LORA
     if inputs.task == "seq-cls" and not lora.modules_to_save:
         lora = _with_head(lora, model)
     report = inject(model, lora)
     if options.gradient_checkpointing:
         enable_gradient_checkpointing(model)
-    if options.precision == "bf16":
+    if options.precision == "bf16" or quantization is not None:
         upcast([model.get_submodule(path) for path in report.modules_to_save])
     return AdaptedModel(model, lora, report)
 

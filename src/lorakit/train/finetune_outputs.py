@@ -12,6 +12,7 @@ from typing import Any
 from torch import nn
 
 from ..checkpoint.atomic import atomic_folder
+from ..checkpoint.base_model import restamp_base
 from ..overview import InjectionReport
 from .distributed import DistEnv
 from .eval_generate import GenerationScore
@@ -56,7 +57,7 @@ def write_outputs(
     """Publish the final adapter, write run.json and the plot, print the summary (rank 0).
     `generation`: exact match of generated answers before and after training (or None)."""
     out, task = Path(options.out), inputs.task
-    adapter = _publish_adapter(result.checkpoint, out / ADAPTER_DIR)
+    adapter = _publish_adapter(result.checkpoint, out / ADAPTER_DIR, options.model)
     baseline = None
     if task == "seq-cls":
         train_labels = [ex["labels"] for ex in data.train.examples]
@@ -85,11 +86,14 @@ def write_outputs(
     )
 
 
-def _publish_adapter(checkpoint: Path | None, dest: Path) -> Path:
-    """Copy the final checkpoint's adapter to `dest`, replacing any old one whole."""
+def _publish_adapter(checkpoint: Path | None, dest: Path, model: str | None) -> Path:
+    """Copy the final checkpoint's adapter to `dest`, replacing any old one whole, with
+    `model` as its base as the user named it (--model: a folder as given, or the "smollm2"
+    alias; None for the built-in demo's model, which lives inside the installed package)."""
     assert checkpoint is not None  # train() always ends with a checkpoint
     with atomic_folder(dest) as tmp:
         shutil.copytree(checkpoint / "adapter", tmp, dirs_exist_ok=True)
+        restamp_base(tmp, model)
     return dest
 
 

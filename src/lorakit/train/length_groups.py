@@ -1,11 +1,12 @@
-"""Micro-batches of examples of similar length, so that a batch pads little.
+"""Batches of examples of similar length, so that a batch pads little.
 
-As `transformers`' `group_by_length`: a rank's share of the epoch (already a seeded
-permutation) is cut into mega-batches of `MEGA_BATCHES` optimizer steps, each mega-batch is
-sorted by length (longest first) and cut into steps, and the steps are then shuffled with a
-generator seeded from the run's seed and the epoch. Each rank's share and the number of
-micro-batches and steps are those of random batching; only their make-up and order change,
-and both follow from the seed, so a resumed run sees the same batches.
+As `transformers`' `group_by_length`: the epoch's seeded permutation is cut into mega-batches
+of `MEGA_BATCHES` optimizer steps, each mega-batch is sorted by length (longest first) and cut
+into steps, and the steps are then shuffled with a generator seeded from the run's seed and
+the epoch (the one short step stays last, as in random batching). The steps are the global
+ones (all ranks' micro-batches of one optimizer step), so that a run trains on the same
+examples per step with any number of processes or micro-batches per step, and the order
+follows from the seed, so a resumed run sees the same batches.
 """
 
 from __future__ import annotations
@@ -15,16 +16,14 @@ from collections.abc import Sequence
 import torch
 from torch.utils.data import Dataset
 
-from .options import TrainOptions
-
 MEGA_BATCHES = 50  # optimizer steps per sorted group: long enough to find similar lengths,
 # short enough that the order of the epoch stays random
-_SEED_STRIDE = 1_000_003  # keeps (seed, epoch) pairs apart in the batch shuffle's seed
+_SEED_STRIDE = 1_000_003  # keeps (seed, epoch) pairs apart in the step shuffle's seed
 
 
-def cut(order: Sequence[int], batch_size: int) -> list[list[int]]:
-    """`order` cut into micro-batches of `batch_size` (the last one may be shorter)."""
-    return [list(order[i : i + batch_size]) for i in range(0, len(order), batch_size)]
+def cut(order: Sequence[int], size: int) -> list[list[int]]:
+    """`order` cut into consecutive pieces of `size` (the last one may be shorter)."""
+    return [list(order[i : i + size]) for i in range(0, len(order), size)]
 
 
 def example_lengths(data: Dataset, indices: Sequence[int]) -> dict[int, int] | None:
@@ -40,33 +39,23 @@ def example_lengths(data: Dataset, indices: Sequence[int]) -> dict[int, int] | N
 
 
 def length_grouped(
-    order: Sequence[int], lengths: dict[int, int], batch_size: int, grad_accum: int, seed: int,
-    epoch: int,
-) -> list[list[int]]:  # fmt: skip
-    """`order`'s micro-batches, each of examples of similar length, in a seeded order.
-
-    Grouping is by optimizer step (`batch_size` x `grad_accum` examples, cut into micro-batches
-    afterwards), so that accumulating micro-batches trains on the same examples as one
-    bigger batch; the one short step stays last, as in random batching."""
-    step = batch_size * grad_accum
+    order: Sequence[int], lengths: dict[int, int], step: int, seed: int, epoch: int
+) -> list[int]:
+    """`order` rearranged so that each consecutive `step` indices (one optimizer step) are
+    of similar length, the steps in a seeded order and the short one last."""
     steps = []
     for start in range(0, len(order), step * MEGA_BATCHES):
         group = sorted(order[start : start + step * MEGA_BATCHES], key=lambda i: -lengths[i])
         steps += cut(group, step)
-    last = steps.pop() if steps and len(steps[-1]) < step else None
+    last = steps.pop() if steps and len(steps[-1]) < step else []
     generator = torch.Generator().manual_seed(seed * _SEED_STRIDE + epoch)
-    steps = [steps[i] for i in torch.randperm(len(steps), generator=generator).tolist()]
-    return [micro for s in steps + ([last] if last else []) for micro in cut(s, batch_size)]
+    shuffled = [steps[i] for i in torch.randperm(len(steps), generator=generator).tolist()]
+    return [i for s in shuffled for i in s] + last
 
 
-def micro_batches(
-    data: Dataset, order: Sequence[int], options: TrainOptions, epoch: int
-) -> list[list[int]]:
-    """`order` as micro-batches: grouped by length with `batching="by-length"` when the items
-    have `input_ids`, else cut as it comes."""
-    grouped = options.batching == "by-length"
-    lengths = example_lengths(data, order) if grouped else None
-    if lengths is None:
-        return cut(order, options.batch_size)
-    bs, accum = options.batch_size, options.grad_accum
-    return length_grouped(order, lengths, bs, accum, options.seed, epoch)
+def grouped_order(
+    data: Dataset, order: Sequence[int], step: int, seed: int, epoch: int
+) -> list[int] | None:
+    """`length_grouped` on `data`'s lengths; None when its items carry no `input_ids`."""
+    lengths = example_lengths(data, order)
+    return None if lengths is None else length_grouped(order, lengths, step, seed, epoch)

@@ -117,12 +117,14 @@ def load_model(
     label_map: dict[str, int] | None = None,
     dtype: torch.dtype | None = None,
     labels_source: str = "the training data",
+    quantization_config: Any = None,
 ) -> nn.Module:
     """The base model for `task`, from local files only (no network).
 
     seq-cls gets a sequence-classification head sized by `label_map` (label -> id; None
     keeps the checkpoint's labels); causal-lm a language-model head. dtype: load in it;
     None keeps the checkpoint's. `labels_source` names where `label_map` came from in errors.
+    quantization_config: transformers' (e.g. `BitsAndBytesConfig`), or None.
 
     Raises:
         ConfigError: the checkpoint's classification head has another number of labels.
@@ -140,6 +142,8 @@ def load_model(
     common: dict[str, Any] = {"local_files_only": True}
     if dtype is not None:
         common["dtype"] = dtype
+    if quantization_config is not None:
+        common["quantization_config"] = quantization_config
     try:
         if task == "seq-cls":
             return AutoModelForSequenceClassification.from_pretrained(

@@ -15,6 +15,7 @@ from typing import Any, Literal, get_args
 from ..config import check_choice
 from ..errors import ConfigError
 from .precision import Precision
+from .quantize import Optim, Quantize, require_bitsandbytes
 from .tokenization import TruncationSide
 
 Task = Literal["seq-cls", "causal-lm"]
@@ -69,9 +70,9 @@ class TrainOptions:
             every batch to `max_length` (fixed shapes).
         batching: "by-length" builds each micro-batch from examples of similar length
             (`train.length_groups`); "random" as they come in the seeded order; "packed"
-            (causal-lm) packs a random micro-batch's examples into rows of `max_length`,
-            each example attending only to itself (`train.packing`; the loss of the
-            micro-batch is the unpacked one's). All follow from the seed, so resume works.
+            (causal-lm) also groups by length, then packs each micro-batch's examples into
+            rows of `max_length`, each example attending only to itself (`train.packing`;
+            the loss is the unpacked micro-batch's). All follow from the seed (resume works).
         truncation_side: "right" cuts an over-long example's end, "left" its start (for
             prompt + completion: the prompt's start, keeping the whole completion).
     Optimisation (AdamW; lr warms up linearly for `warmup_steps`, then follows `schedule`
@@ -90,6 +91,9 @@ class TrainOptions:
         fsdp: shard the base with FSDP2 `fully_shard` (needs torchrun).
         precision: "fp32", or "bf16": the base loaded in bfloat16 and every forward under
             autocast, adapters and modules_to_save kept in float32 (`train.precision`).
+        quantize: "none", or load the base's linear layers in 4 bits ("nf4", "fp4") or 8 bits
+            ("int8") with bitsandbytes, adapters in float32 (QLoRA; `train.quantize`).
+        optim: "adamw" (torch's), "adamw8bit" or "paged_adamw" (bitsandbytes').
         threads: torch intra-op threads; 0: torch's default, except for the built-in demo,
             which uses 1 (its batches are 32 words of ~3 tokens: a second thread gains little
             and, on a machine busy with other work, makes each step several times slower).
@@ -121,7 +125,7 @@ class TrainOptions:
     batching: Batching = option(
         "by-length",
         "by-length: micro-batches of examples of similar length; random: as they come; "
-        "packed (causal-lm): a micro-batch's examples packed into rows of --max-length",
+        "packed (causal-lm): by-length, then each micro-batch packed into rows of --max-length",
         DATA,
     )
     truncation_side: TruncationSide = option(
@@ -138,6 +142,10 @@ class TrainOptions:
     grad_accum: int = option(1, "micro-batches per optimizer step", TRAINING)
     lr: float = option(1e-3, "peak learning rate", TRAINING)
     weight_decay: float = option(0.0, "", TRAINING)
+    loraplus_ratio: float = option(
+        1.0, "LoRA+: lora_B's learning rate over lora_A's (1: plain LoRA; the paper uses 16)",
+        TRAINING,
+    )
     warmup_steps: int = option(10, "", TRAINING)
     schedule: Schedule = option("linear", "lr after warmup", TRAINING)
     max_grad_norm: float = option(1.0, "0: no clipping", TRAINING)
@@ -157,6 +165,14 @@ class TrainOptions:
         "fp32",
         "bf16: base in bfloat16, forwards under autocast, adapters and heads trained in float32",
         TRAINING,
+    )
+    quantize: Quantize = option(
+        "none",
+        "QLoRA: the base's linear layers in 4-bit (nf4, fp4) or 8-bit (int8) bitsandbytes codes",
+        TRAINING,
+    )
+    optim: Optim = option(
+        "adamw", "adamw8bit / paged_adamw: bitsandbytes' AdamW (8-bit or paged state)", TRAINING
     )
     threads: int = option(0, "torch threads; 0: torch's choice, 1 for the demo", TRAINING)
     progress: Progress = option("auto", "", TRAINING)
@@ -185,6 +201,7 @@ class TrainOptions:
         check_choice(self.batching, "batching", get_args(Batching))
         check_choice(self.truncation_side, "truncation_side", get_args(TruncationSide))
         check_choice(self.precision, "precision", get_args(Precision))
+        self._check_bitsandbytes()
         if self.precision == "bf16" and self.fsdp:
             raise ConfigError(
                 "precision='bf16' with fsdp is not supported: an FSDP2 shard holds one "
@@ -210,6 +227,7 @@ class TrainOptions:
         if _number(self.lr, "lr", 0.0) == 0.0:
             raise ConfigError(f"lr must be positive, got {self.lr!r}")
         _number(self.weight_decay, "weight_decay", 0.0)
+        _number(self.loraplus_ratio, "loraplus_ratio", 1e-12)
         _number(self.max_grad_norm, "max_grad_norm", 0.0)
         if not self.out:
             raise ConfigError("out must name a folder, got ''")
@@ -218,3 +236,17 @@ class TrainOptions:
                 "resume and overwrite exclude each other: resume continues the run in out, "
                 "overwrite replaces it"
             )
+
+    def _check_bitsandbytes(self) -> None:
+        """The QLoRA options: valid, possible together, and bitsandbytes installed."""
+        check_choice(self.quantize, "quantize", get_args(Quantize))
+        check_choice(self.optim, "optim", get_args(Optim))
+        if self.quantize != "none" and self.fsdp:
+            raise ConfigError(
+                f"quantize={self.quantize!r} with fsdp is not supported: FSDP2 shards float "
+                "parameters, not bitsandbytes' packed codes; use DDP (no --fsdp)"
+            )
+        for name in ("quantize", "optim"):
+            value = getattr(self, name)
+            if value not in ("none", "adamw"):
+                require_bitsandbytes(f"{name}={value!r}")

@@ -38,7 +38,8 @@ def _resume(run: Run, checkpoint: Path) -> tuple[RunState, RunReport]:
     position, saved = load_checkpoint(
         checkpoint, run.env, run.base, run.optimizer, run.scheduler, fsdp=run.options.fsdp
     )
-    run.scheduler.lr_lambdas = [run.schedule]  # this run's schedule (e.g. a larger --max-steps)
+    # This run's schedule (e.g. a larger --max-steps), for every parameter group.
+    run.scheduler.lr_lambdas = [run.schedule] * len(run.optimizer.param_groups)
     report = open_report(run, position.step)
     report.progress.print(f"resuming from {checkpoint} (step {position.step} of {run.total})")
     if saved["world_size"] != run.env.world_size:

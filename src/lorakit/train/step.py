@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from .distributed import all_sum
+from .packing import model_inputs
 from .precision import autocast
 from .run import Run
 
@@ -54,8 +55,8 @@ def _forward_backward(run: Run, window: list[list[int]]) -> tuple[float, bool, i
     whether a micro-batch's loss was NaN or inf, real tokens seen)."""
     loss_sum, bad, tokens = 0.0, False, 0
     for i, rows in enumerate(window):
-        batch = run.collate_fn([run.train_data[j] for j in rows])
-        inputs = {k: v.to(run.env.device) for k, v in batch.items()}
+        batch = run.train_collate([run.train_data[j] for j in rows])
+        inputs, real_tokens = model_inputs(batch, run.env.device)
         with _no_sync(run.wrapped, sync=i == len(window) - 1):
             with autocast(run.options.precision, run.env.device):
                 loss = run.wrapped(**inputs).loss
@@ -63,14 +64,8 @@ def _forward_backward(run: Run, window: list[list[int]]) -> tuple[float, bool, i
         value = loss.item()
         bad = bad or not math.isfinite(value)
         loss_sum += value / len(window)
-        tokens += _count_tokens(inputs)
+        tokens += real_tokens
     return loss_sum, bad, tokens
-
-
-def _count_tokens(inputs: dict[str, torch.Tensor]) -> int:
-    """Real (unpadded) tokens in a batch: the attention mask's ones, else every input id."""
-    mask = inputs.get("attention_mask")
-    return int(mask.sum()) if mask is not None else inputs["input_ids"].numel()
 
 
 @contextlib.contextmanager
