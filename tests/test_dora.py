@@ -4,6 +4,7 @@ against a direct implementation of the paper's formula. PEFT's numbers: tests/te
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import pickle
 from collections.abc import Callable
@@ -298,11 +299,54 @@ def test_pickle_and_deepcopy_keep_dora() -> None:
         torch.testing.assert_close(copied(x), model(x), rtol=0, atol=0)
 
 
-def test_routing_refuses_dora() -> None:
-    model = _dora(CASES[0], 2)
-    with pytest.raises(AdapterError, match=r"DoRA adapter\(s\) \['default'\].*'layer'"):
-        with lorakit.routing(model, ["default", None]):
-            pass
+ROUTED = [c for c in CASES if not c.id.startswith("conv")]
+
+
+@pytest.mark.parametrize("reuse", [False, True])
+@pytest.mark.parametrize("case", ROUTED, ids=[c.id for c in ROUTED])
+def test_mixed_batch_rows_match_each_adapter_alone(case: Case, reuse: bool) -> None:
+    """Rows of DoRA, LoRA and no adapter in one batch: each row as if run alone."""
+    model = _dora(case, 3)
+    lorakit.inject(model, lorakit.LoraConfig(rank=2, targets=("layer",)), "plain")
+    lorakit.inject(model, lorakit.LoraConfig(rank=4, targets=("layer",), use_dora=True), "other")
+    _randomise(model, seed=6)
+    model.eval()
+    x = torch.cat([case.x()] * 2)[:4]
+    rows = ["default", None, "plain", "other"]
+    with torch.no_grad():
+        with lorakit.routing(model, rows, reuse_stacks=reuse):
+            routed = model(x)
+        for i, name in enumerate(rows):
+            with lorakit.disabled(model) if name is None else _only(model, name):
+                alone = model(x[i : i + 1])
+            torch.testing.assert_close(routed[i : i + 1], alone, rtol=0, atol=ATOL)
+
+
+def _only(model: nn.Module, name: str):  # noqa: ANN202
+    lorakit.set_active(model, name)
+    return contextlib.nullcontext()
+
+
+def test_mixed_batch_gradients_reach_the_magnitude() -> None:
+    case = CASES[0]
+    model = _dora(case, 3)
+    x = case.x()[:2]
+    with lorakit.routing(model, ["default", None]):
+        routed = model(x)
+    lorakit.set_active(model, "default")
+    alone = model(x[:1])
+    m = model.layer.lora["default"].magnitude
+    got, want = torch.autograd.grad(routed[:1].sum(), m), torch.autograd.grad(alone.sum(), m)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_mixed_batch_refuses_dora_dropout_in_training() -> None:
+    model = _dora(CASES[0], 2, dropout=0.1)
+    with lorakit.routing(model, ["default", None]):
+        with pytest.raises(AdapterError, match=r"do not route DoRA adapter\(s\) \['default'\]"):
+            model(CASES[0].x()[:2])
+        model.eval()
+        model(CASES[0].x()[:2])  # eval: no dropout, routed
 
 
 class NoDoraLinear(LinearLoraMixin, nn.Linear):
@@ -337,3 +381,22 @@ def test_dora_refused_where_it_does_not_apply(make: Callable[[], nn.Module], mat
 def test_use_dora_must_be_a_bool() -> None:
     with pytest.raises(ConfigError, match=r"use_dora must be a bool, got 'yes'"):
         lorakit.LoraConfig(use_dora="yes")  # type: ignore[arg-type]
+
+
+def test_bfloat16_fused_path_keeps_a_magnitude_near_one() -> None:
+    """f = 1.003 (float32 m) rounds to 1 in bfloat16: the fused path carries f - 1 instead."""
+    torch.manual_seed(0)
+    model = Holder(nn.Linear(64, 32)).to(torch.bfloat16)
+    lorakit.inject(model, lorakit.LoraConfig(rank=4, targets=("layer",), use_dora=True))
+    layer = model.layer
+    with torch.no_grad():
+        layer.lora["default"].magnitude.mul_(1.003)
+    x = torch.randn(256, 64, dtype=torch.bfloat16)
+    assert layer._fused_adapters(x)
+    with torch.no_grad():
+        got = model(x).double()
+    bias = layer.bias.double()
+    plain = x.double() @ layer.weight.double().t()
+    # bfloat16 rounds each output by ~0.2%, without bias: the mean relative shift shows f
+    shift = ((got - bias - plain) * plain.sign()).mean() / plain.abs().mean()
+    assert 0.0025 < shift < 0.0035

@@ -67,11 +67,14 @@ class Case:
     x: Callable[[], Tensor]
     rank: int = 4
     extra: dict = field(default_factory=dict)  # PEFT-only options
+    both: dict = field(default_factory=dict)  # options both libraries name alike
 
 
 CASES = [
     Case("linear-bias-and-not", MLP, ("lin1", "lin2"), _features),
     Case("linear-rank1", MLP, ("lin1", "lin2"), _features, rank=1),
+    Case("linear-rslora-bias", MLP, ("lin1", "lin2"), _features,
+         both={"use_rslora": True, "bias": "lora_only"}),
     Case("gpt2-conv1d", tiny_gpt2, ("c_attn", "c_proj", "c_fc"), _tokens, rank=8,
          extra={"fan_in_fan_out": True}),
     Case("llama-embedding", tiny_llama, ("embed_tokens", "q_proj", "down_proj"), _tokens),
@@ -98,7 +101,7 @@ def _nudge_trainable(model: nn.Module, seed: int) -> None:
 def _peft_model(case: Case, dropout: float = 0.0) -> nn.Module:
     config = peft.LoraConfig(
         r=case.rank, lora_alpha=2 * case.rank, target_modules=list(case.targets), use_dora=True,
-        lora_dropout=dropout, **case.extra,
+        lora_dropout=dropout, **case.extra, **case.both,
     )  # fmt: skip
     model = peft.get_peft_model(case.make(), config)
     _nudge_trainable(model, seed=5)
@@ -107,13 +110,15 @@ def _peft_model(case: Case, dropout: float = 0.0) -> nn.Module:
 
 def _lorakit_config(case: Case) -> lorakit.LoraConfig:
     return lorakit.LoraConfig(rank=case.rank, alpha=2 * case.rank, targets=case.targets,
-                              use_dora=True)  # fmt: skip
+                              use_dora=True, **case.both)  # fmt: skip
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_magnitude_starts_as_peft_does(case: Case) -> None:
-    config = peft.LoraConfig(r=case.rank, target_modules=list(case.targets), use_dora=True,
-                             **case.extra)  # fmt: skip
+    config = peft.LoraConfig(
+        r=case.rank, lora_alpha=2 * case.rank, use_dora=True, target_modules=list(case.targets),
+        **case.extra, **case.both,
+    )  # fmt: skip
     ref = peft.get_peft_model(case.make(), config)
     model = case.make()
     lorakit.inject(model, _lorakit_config(case))
@@ -159,7 +164,7 @@ def test_lorakit_dora_loads_in_peft(case: Case, tmp_path: Path) -> None:
 def _our_name(peft_name: str) -> str:
     """PEFT's parameter name -> lorakit's, e.g. `base_model.model.lin1.lora_A.default.weight`
     -> `lin1.lora.default.lora_A`."""
-    name = peft_name.removeprefix("base_model.model.")
+    name = peft_name.removeprefix("base_model.model.").replace(".base_layer.", ".")
     name = re.sub(r"\.lora_(?:embedding_)?([AB])\.(\w+)(?:\.weight)?$", r".lora.\2.lora_\1", name)
     return re.sub(r"\.lora_magnitude_vector\.(\w+)\.weight$", r".lora.\1.magnitude", name)
 
@@ -172,7 +177,7 @@ def _grads(model: nn.Module, x: Tensor, rename: Callable[[str], str]) -> dict[st
     return {n: grad for (n, _), grad in zip(named, grads)}
 
 
-GRAD_CASES = [c for c in CASES if c.id in ("linear-bias-and-not", "gpt2-conv1d", "conv2d")]
+GRAD_CASES = [c for c in CASES if c.id in ("linear-rslora-bias", "gpt2-conv1d", "conv2d")]
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.3])

@@ -8,6 +8,8 @@ in tensor ops: per layer, the routed adapters' factors are stacked once (ranks z
 to the largest, a zero adapter at index 0 for `None` rows), gathered per row by index, and
 applied with two batched matmuls — h^T = bmm(A_rows, x^T) scaled per row by s, then
 `baddbmm_(h, B_rows^T)` into the base output — no Python loop over rows or adapters.
+A row of a DoRA adapter gets y_i = f_i * (base(x_i) - b + s B A x_i) + b, its factor
+f = m / ||W + s B A|| stacked per adapter like the factors (ones for LoRA adapters).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from .adapters import adapter_names
 from .errors import AdapterError, UnsupportedLayerError
 from .layers.base import LoraLayer
 from .layers.conv import ConvLoraMixin
-from .layers.dora import DoRA
+from .layers.dora import DoRA, weight_rows
 from .tree import lora_layers
 
 __all__ = ["RowRouting", "clear_cache", "routing"]
@@ -46,6 +48,7 @@ class _Stacks(NamedTuple):
     a: Tensor
     b: Tensor
     rank: int
+    dora: Tensor | None = None  # (batch, 1, out) each row's DoRA factor, None without DoRA
 
 
 class _Factors(NamedTuple):
@@ -57,6 +60,7 @@ class _Factors(NamedTuple):
     per_adapter: Tensor  # (n+1, 2): scale s and keep probability 1 - p of each adapter
     rank: int
     signature: tuple
+    dora: Tensor | None  # (n+1, out): each adapter's DoRA factor (ones for LoRA), or None
 
 
 def _signature(layer: LoraLayer, names: tuple[str, ...]) -> tuple:
@@ -67,6 +71,9 @@ def _signature(layer: LoraLayer, names: tuple[str, ...]) -> tuple:
         for p in (ad.lora_A, ad.lora_B):
             parts.append((p.data_ptr(), p._version, p.dtype, p.device, tuple(p.shape)))
         parts.append((ad.scaling, ad.dropout_p))
+        if isinstance(ad, DoRA):  # its factor depends on m and on W
+            for p in (ad.magnitude, layer.weight):
+                parts.append((p.data_ptr(), p._version, p.dtype, p.device, tuple(p.shape)))
     return tuple(parts)
 
 
@@ -86,7 +93,22 @@ def _stack(layer: LoraLayer, names: tuple[str, ...], signature: tuple = ()) -> _
         dtype=a_stack.dtype, device=a_stack.device,
     )  # fmt: skip
     index = {n: i + 1 for i, n in enumerate(names)}
-    return _Factors(index, a_stack.flatten(1), b_stack.flatten(1), per_adapter, rank, signature)
+    dora = _dora_factors(layer, adapters, a_stack.dtype)
+    return _Factors(
+        index, a_stack.flatten(1), b_stack.flatten(1), per_adapter, rank, signature, dora
+    )
+
+
+def _dora_factors(layer: LoraLayer, adapters: list, dtype: torch.dtype) -> Tensor | None:
+    """(n+1, out): f = m / ||W + s B A|| of each DoRA adapter, ones for the rest and row 0."""
+    if not any(isinstance(a, DoRA) for a in adapters):
+        return None
+    weight = layer.weight  # unmerged: routing refuses merged layers
+    rows = weight_rows(layer, weight)
+    ones = torch.ones(adapters[0].out_features, dtype=dtype, device=weight.device)
+    fs = [a.factor(weight, rows).reshape(-1).to(dtype) if isinstance(a, DoRA) else ones
+          for a in adapters]  # fmt: skip
+    return torch.stack([ones, *fs])
 
 
 # Stacks of every adapter of a layer, kept between contexts with `reuse_stacks=True`; weak
@@ -148,7 +170,10 @@ class RowRouting:
         remap = torch.tensor([0] + [factors.index.get(n, 0) for n in self.names])
         rows = remap[self.rows].to(factors.a.device)
         per_row = factors.per_adapter[rows].view(-1, 2, 1, 1)
-        stacks = _Stacks(rows, per_row[:, 0], per_row[:, 1], factors.a, factors.b, factors.rank)
+        dora = None if factors.dora is None else factors.dora[rows].unsqueeze(1)
+        stacks = _Stacks(
+            rows, per_row[:, 0], per_row[:, 1], factors.a, factors.b, factors.rank, dora
+        )
         if not grad:
             self._cache[key] = stacks
         return stacks
@@ -164,6 +189,8 @@ class RowRouting:
         st = self._stacks(layer)
         if st is None:
             return y
+        if st.dora is not None and layer.training:
+            self._check_dora_dropout(layer)
         if layer.is_embedding:
             h = _embedding_h(x, st)
         else:
@@ -172,10 +199,26 @@ class RowRouting:
         out = y.shape[-1]
         bt = torch.index_select(st.b, 0, st.rows).view(batch, st.rank, out)
         y3 = y.reshape(batch, -1, out)
+        if st.dora is not None:  # f * (y - b + delta) + b, each row its own f (ones for LoRA)
+            bias = getattr(layer, "bias", None)
+            plain = y3 if bias is None else y3 - bias
+            new = st.dora * (plain + torch.bmm(h, bt))
+            new = new if bias is None else new + bias
+            return new.reshape(y.shape).to(y.dtype)
         if y.dtype == h.dtype and y3.data_ptr() == y.data_ptr() and not _needs_graph(y, h, bt):
             y3.baddbmm_(h, bt)  # in place: no second (batch, T, out) tensor
             return y
         return y + torch.bmm(h, bt).reshape(y.shape).to(y.dtype)
+
+    def _check_dora_dropout(self, layer: LoraLayer) -> None:
+        """PEFT's DoRA with dropout in training rescales W drop(x): not routed (per row)."""
+        routed = [(n, layer.lora[n]) for n in self.names if n in layer.lora]
+        dropping = [n for n, a in routed if isinstance(a, DoRA) and a.dropout_p > 0]
+        if dropping:
+            raise AdapterError(
+                f"mixed-adapter batches do not route DoRA adapter(s) {dropping} with dropout "
+                "in training mode; call model.eval() or route them without dropout"
+            )
 
 
 def _pad(t: Tensor, dim: int, size: int) -> Tensor:
@@ -225,8 +268,8 @@ def routing(
         not after writes through `.data`, which PyTorch does not track: call `clear_cache`.
 
     Raises:
-        AdapterError: an unknown adapter name, merged adapters, a DoRA adapter, an empty list,
-            or a nested routing context.
+        AdapterError: an unknown adapter name, merged adapters, an empty list, a nested
+            routing context, or (at forward) a DoRA adapter with dropout in training mode.
         UnsupportedLayerError: a routed adapter sits on a convolution.
     """
     rows = list(adapters_per_row)
@@ -247,12 +290,6 @@ def routing(
             )
         if layer.lora_routing is not None:
             raise AdapterError(f"layer {path!r} is already routed; routing contexts do not nest")
-        dora = [n for n in names if isinstance(layer.lora[n] if n in layer.lora else None, DoRA)]
-        if dora:
-            raise AdapterError(
-                f"mixed-adapter batches do not support DoRA adapter(s) {dora} (layer {path!r}), "
-                "as in PEFT; run each DoRA adapter's rows as their own batch"
-            )
         if isinstance(layer, ConvLoraMixin) and any(n in layer.lora for n in names):
             raise UnsupportedLayerError(
                 f"mixed-adapter batches support Linear, GPT-2 Conv1D and Embedding layers; "

@@ -210,37 +210,40 @@ def dora_unmerged(layer: LoraLayer, adapter: DoRA, weight: Tensor) -> Tensor:
 
 
 class _DoraScale(torch.autograd.Function):
-    """y = f * p + b over the last dim, for the fused path: saves the output y, not p.
+    """y = p + d * p + b over the last dim (d = f - 1), for the fused path; saves only y.
 
-    The backward recovers p = (y - b) / f, so the step keeps no second (N, out) tensor: the
-    output is often saved by the next op anyway (an activation, a product, attention).
+    With d rather than f a 16-bit p loses nothing of a factor near 1 (f = 1.003 would round
+    to 1 in bfloat16; d = 0.003 keeps its digits). The backward recovers p = (y - b) / f, so
+    the step keeps no second (N, out) tensor: y is often saved by the next op anyway.
     """
 
     @staticmethod
-    def forward(ctx, p: Tensor, f: Tensor, bias: Tensor | None) -> Tensor:  # noqa: ANN001
-        y = p * f if bias is None else torch.addcmul(bias, p, f)
-        ctx.save_for_backward(y, f, bias)
+    def forward(ctx, p: Tensor, d: Tensor, bias: Tensor | None) -> Tensor:  # noqa: ANN001
+        y = torch.addcmul(p if bias is None else p + bias, p, d)
+        ctx.save_for_backward(y, d, bias)
         return y
 
     @staticmethod
     def backward(ctx, g: Tensor) -> tuple[Tensor | None, ...]:  # noqa: ANN001
-        y, f, bias = ctx.saved_tensors
-        need_p, need_f, need_b = ctx.needs_input_grad
+        y, d, bias = ctx.saved_tensors
+        need_p, need_d, need_b = ctx.needs_input_grad
         g2 = g.reshape(-1, g.shape[-1])
-        grad_f = grad_b = None
-        if need_f:
+        grad_d = grad_b = None
+        if need_d:  # sum_i g_ij p_ij, with p = (y - b) / (1 + d)
             plain = y.reshape(-1, y.shape[-1])
             plain = plain if bias is None else plain - bias
-            grad_f = (plain * g2).sum(0) / f  # sum_i g_ij p_ij, with p = (y - b) / f
+            dot = plain.mul_(g2) if bias is not None else plain * g2
+            wide = _wide(d.dtype)
+            grad_d = (dot.sum(0, dtype=wide) / (1 + d.to(wide))).to(d.dtype)
         if need_b and bias is not None:
             grad_b = g2.sum(0)
-        return (g * f if need_p else None), grad_f, grad_b
+        return (torch.addcmul(g, g, d) if need_p else None), grad_d, grad_b
 
 
 def dora_rescaled(layer: LoraLayer, adapter: DoRA, p: Tensor) -> Tensor:
     """f * p + b: DoRA as the last adapter on the fused path, p = x W^T + the low-rank terms
     (no bias). Equals `dora_forward` without dropout: y + (f - 1)(y - b) + f s B A x."""
     weight = layer.weight
-    f = adapter.factor(weight, weight_rows(layer, weight)).to(p.dtype)
+    d = adapter.factor(weight, weight_rows(layer, weight)) - 1  # in m's dtype, then p's
     bias = layer.bias
-    return _DoraScale.apply(p, f, None if bias is None else bias.to(p.dtype))
+    return _DoraScale.apply(p, d.to(p.dtype), None if bias is None else bias.to(p.dtype))
