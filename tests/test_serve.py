@@ -78,6 +78,8 @@ def server(tmp_path_factory: pytest.TempPathFactory):
         "tiny",
         "--max-batch",
         "3",
+        "--max-queue",
+        "2",
         "--adapter",
         f"alpha={adapters['alpha']}",
         "--adapter",
@@ -173,9 +175,10 @@ def test_raw_stream_is_server_sent_events_ending_in_done(server: Server) -> None
 
 
 def test_concurrent_clients_over_adapters_each_equal_alone(server: Server, alone) -> None:
+    # 5 clients: 3 batch slots + 2 queue places (the server's limits)
     cases = [
-        ([None, "alpha", "beta"][i % 3], ["good day", "it was so", "a movie"][i % 3 - 1], 4 + 3 * i)
-        for i in range(9)
+        ([None, "alpha", "beta"][i % 3], ["good day", "it was so", "a movie"][i % 3 - 1], 4 + 5 * i)
+        for i in range(5)
     ]
 
     def ask(case):
@@ -266,6 +269,20 @@ def test_api_key_is_required(server: Server, header: str | None) -> None:
     assert reply.status_code == 401
     assert reply.json()["error"]["type"] == "authentication_error"
     assert httpx.get(f"{server.url}/health").status_code == 200  # health needs no key
+
+
+def test_full_server_answers_429_and_keeps_serving(server: Server) -> None:
+    body = {"model": "alpha", "prompt": "a", "max_tokens": 400, "ignore_eos": True, "stream": True}
+    with ThreadPoolExecutor(8) as pool:
+        replies = list(pool.map(lambda _: server.http.send(
+            server.http.build_request("POST", "/v1/completions", json=body), stream=True
+        ), range(8)))  # fmt: skip
+    statuses = sorted(r.status_code for r in replies)
+    for reply in replies:
+        reply.close()  # the streams' clients leave: their slots free up
+    assert statuses == [200] * 5 + [429] * 3
+    assert wait_for(lambda: server.health()["running"] + server.health()["waiting"] == 0)
+    assert server.post("/v1/completions", GOOD).status_code == 200
 
 
 def test_killed_client_frees_its_slot(server: Server) -> None:
