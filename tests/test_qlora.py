@@ -208,3 +208,12 @@ def test_dequantized_weight_is_near_the_full_one(kind):
     got = dequantized_weight(quantized_mlp(kind)[0])
     assert got.shape == full.shape and got.dtype == torch.float32
     assert (got - full).norm() < 0.15 * full.norm()
+
+
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+def test_parameter_counts_are_the_layers_not_the_packed_bytes(kind):
+    model = quantized_mlp(kind)
+    report = lorakit.inject(model, CONFIG)
+    full = sum(p.numel() for p in full_mlp().parameters())
+    lora = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+    assert (report.trainable, report.total) == (lora, full + lora)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from .table import table_lines
@@ -34,10 +35,17 @@ def format_counts(trainable: int, total: int) -> str:
 
 
 def trainable_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts; shared parameters count once."""
+    """(trainable, total) parameter counts; shared parameters count once, and a bitsandbytes
+    4-bit weight as the weights it holds, not its packed bytes (as PEFT counts)."""
     params = {id(p): p for p in model.parameters()}.values()
-    total = sum(p.numel() for p in params)
+    total = sum(_weights_held(p) for p in params)
     return sum(p.numel() for p in params if p.requires_grad), total
+
+
+def _weights_held(p: nn.Parameter) -> int:
+    state = getattr(p, "quant_state", None)
+    shape = getattr(state, "shape", None)
+    return shape.numel() if isinstance(shape, torch.Size) else p.numel()
 
 
 def print_trainable_parameters(model: nn.Module) -> None:
