@@ -94,3 +94,14 @@ def test_merge_and_unload_after_cpu_inference_repacking():
     want = dequantized_weight(quantized_mlp("nf4")[0]) + model[0].delta_weight("default")
     merged = lorakit.merge_and_unload(model)
     torch.testing.assert_close(merged[0].weight, want, rtol=1e-2, atol=1e-3)
+
+
+def test_merge_and_unload_of_a_single_quantized_layer():
+    model = adapted("nf4")
+    layer, x = model[0], inputs()
+    want = nn.functional.linear(
+        x, dequantized_weight(layer) + layer.delta_weight("default"), layer.bias
+    )
+    plain = lorakit.merge_and_unload(layer)
+    assert type(plain) is nn.Linear
+    torch.testing.assert_close(plain(x), want, rtol=1e-5, atol=1e-5)

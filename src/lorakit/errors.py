@@ -23,7 +23,8 @@ class AdapterError(LorakitError, ValueError):
 
 
 class MergeError(LorakitError, ValueError):
-    """Merging would write NaN or inf into a base weight."""
+    """Merging would write NaN or inf into a base weight, change a weight tied to another
+    module, or round an adapter into a quantized (4-bit / 8-bit) weight."""
 
 
 class CheckpointError(LorakitError, ValueError):

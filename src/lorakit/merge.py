@@ -110,6 +110,8 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     4-bit or 8-bit codes). Raises as `merge`.
     """
     _check_adapters(model)
+    if getattr(model, "is_quantized", False):  # the model is one quantized layer
+        return model.merged_linear()
     _unload_quantized(model)
     merge(model, keep_original=False)  # nothing is unmerged after this: no copy needed
     for _, layer in list(lora_layers(model)):
