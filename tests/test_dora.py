@@ -400,3 +400,10 @@ def test_bfloat16_fused_path_keeps_a_magnitude_near_one() -> None:
     # bfloat16 rounds each output by ~0.2%, without bias: the mean relative shift shows f
     shift = ((got - bias - plain) * plain.sign()).mean() / plain.abs().mean()
     assert 0.0025 < shift < 0.0035
+
+
+def test_dora_refused_on_quantized_layers() -> None:
+    bnb = pytest.importorskip("bitsandbytes")
+    model = Holder(bnb.nn.Linear8bitLt(16, 8, has_fp16_weights=False))
+    with pytest.raises(UnsupportedLayerError, match=r"not supported on LoRALinear8bitLt layers"):
+        lorakit.inject(model, lorakit.LoraConfig(targets=("layer",), use_dora=True))

@@ -35,6 +35,7 @@ class QuantizedLinearLoraMixin(LinearLoraMixin):
     """Mixin: LoRA on a quantized Linear; the plain path only (the fused op needs a float W)."""
 
     is_quantized: ClassVar[bool] = True
+    supports_dora = False  # DoRA's norms need the float W: not reproduced on codes yet
     bits: ClassVar[int]
 
     def lora_dims(self) -> tuple[int, int, tuple[int, ...]]:
