@@ -4,6 +4,7 @@ from . import optim
 from ._version import __version__
 from .adapters import active_adapters, adapter_names, delete_adapter, set_active
 from .algebra import LayerCompression, combine, compress
+from .algebra_files import compress_adapter
 from .checkpoint import from_pretrained, load_adapter, save_adapter
 from .config import LoraConfig
 from .errors import (
@@ -53,6 +54,7 @@ __all__ = [
     "build",
     "combine",
     "compress",
+    "compress_adapter",
     "delete_adapter",
     "delta_weight",
     "disabled",

@@ -38,7 +38,7 @@ from .config import LoraConfig, check_choice, check_rank
 from .errors import AdapterError, ConfigError
 from .inject import freeze_base
 from .layers import LoRA
-from .spectrum import LowRankSVD, factor_svd, relative_error
+from .spectrum import LowRankSVD, check_rank_fits, factor_svd, relative_error
 from .tree import lora_layers
 
 Method = Literal["cat", "linear", "svd"]
@@ -188,12 +188,7 @@ def _check_weights(weights: object, count: int) -> tuple[float, ...]:
 
 def _check_size(path: str, adapter: LoRA, rank: int) -> None:
     """`rank` must fit the layer's delta (out x in * kernel)."""
-    out, size = adapter.out_features, adapter.lora_A[0].numel()
-    if rank > min(out, size):
-        raise ConfigError(
-            f"rank={rank} is above the size of layer {path!r}: its delta is {out} x {size}, "
-            f"so rank <= {min(out, size)}"
-        )
+    check_rank_fits(rank, adapter.out_features, adapter.lora_A[0].numel(), path)
 
 
 # -- the methods --------------------------------------------------------------------------------
@@ -245,10 +240,7 @@ def _linear(path: str, terms: list[_Term], dtype: torch.dtype) -> tuple[Tensor, 
 
 def _truncated(like: LoRA, svd: LowRankSVD, rank: int, dtype: torch.dtype) -> _Factors:
     """The rank-`rank` factors of `svd`, shaped like `like`'s A and B, in `dtype`."""
-    A, B = svd.factors(rank)
-    A = A.reshape(rank, *like.lora_A.shape[1:]).to(dtype)
-    B = B.reshape(like.out_features, rank, *like.lora_B.shape[2:]).to(dtype)
-    return _Factors(like, A, B)
+    return _Factors(like, *svd.factors_like(rank, like.lora_A, like.lora_B, dtype))
 
 
 def _wider(*dtypes: torch.dtype) -> torch.dtype:

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .errors import ConfigError
+
 ENERGIES = (0.9, 0.99)  # shares of ||delta||_F² the effective-rank columns report
 
 
@@ -29,6 +31,25 @@ class LowRankSVD:
         """(A, B) = (Vh[:rank], U[:, :rank] S[:rank]): the best rank-`rank` approximation,
         scale 1 (PEFT's `add_weighted_adapter` convention)."""
         return self.Vh[:rank], self.U[:, :rank] * self.S[:rank]
+
+    def factors_like(
+        self, rank: int, A: Tensor, B: Tensor, dtype: torch.dtype | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """`factors(rank)` in the layout of LoRA factors A (r, in, *kernel), B (out, r, *ones),
+        in `dtype` (default A's)."""
+        a, b = self.factors(rank)
+        dtype = dtype or A.dtype
+        a = a.reshape(rank, *A.shape[1:]).to(dtype)
+        return a, b.reshape(B.shape[0], rank, *B.shape[2:]).to(dtype)
+
+
+def check_rank_fits(rank: int, out: int, size: int, where: str) -> None:
+    """Refuse a `rank` above a delta's size (out x size) for the layer `where`."""
+    if rank > min(out, size):
+        raise ConfigError(
+            f"rank={rank} is above the size of layer {where!r}: its delta is {out} x {size}, "
+            f"so rank <= {min(out, size)}"
+        )
 
 
 def factor_svd(A: Tensor, B: Tensor, scale: float = 1.0) -> LowRankSVD:
