@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import peft
 import pytest
 import torch
-from conftest import VOCAB, randomise_lora, tiny_llama, tiny_mlp
+from conftest import VOCAB, randomise_lora, tiny_gpt2, tiny_llama, tiny_mlp
 from torch import nn
 
 import lorakit
@@ -27,6 +28,12 @@ class Case:
     method: str
     weights: tuple[float, float]
     rank: int | None = None
+    make: Callable[[], nn.Module] = tiny_llama
+    a_config: dict = field(default_factory=lambda: A_CONFIG)
+
+
+EMBEDDING = {"rank": 3, "alpha": 5.0, "targets": ("embed_tokens", "q_proj")}
+GPT2 = {"rank": 2, "alpha": 4.0, "targets": ("c_attn", "c_proj")}  # Conv1D: W is (in, out)
 
 
 CASES = [
@@ -37,6 +44,12 @@ CASES = [
     Case("svd-default-rank", SAME_TARGETS_R2, "svd", (1.0, -0.5)),
     Case("svd-rank-3", SAME_TARGETS_R2, "svd", (-2.0, 1.0), rank=3),
     Case("svd-other-targets", OTHER_TARGETS_R2, "svd", (0.5, 2.0), rank=5),
+    Case("cat-embedding", EMBEDDING, "cat", (1.0, -0.5), a_config={**EMBEDDING, "rank": 2}),
+    Case("svd-embedding", EMBEDDING, "svd", (1.0, -0.5), rank=3, a_config={**EMBEDDING, "rank": 2}),
+    Case("linear-embedding", EMBEDDING, "linear", (0.5, 0.5), a_config={**EMBEDDING, "alpha": 2}),
+    Case("svd-gpt2-conv1d", GPT2, "svd", (-1.0, 2.0), rank=3, make=tiny_gpt2,
+         a_config={**GPT2, "rank": 4}),
+    Case("cat-gpt2-conv1d", GPT2, "cat", (0.3, 0.9), make=tiny_gpt2, a_config={**GPT2, "rank": 4}),
 ]
 
 
@@ -50,18 +63,20 @@ def _run(model: nn.Module) -> torch.Tensor:
         return model(_tokens()).logits
 
 
-def _two_adapters(b_config: dict) -> nn.Module:
-    model = tiny_llama()
-    lorakit.inject(model, lorakit.LoraConfig(**A_CONFIG), "a")
+def _two_adapters(
+    b_config: dict, make: Callable[[], nn.Module] = tiny_llama, a_config: dict = A_CONFIG
+) -> nn.Module:
+    model = make()
+    lorakit.inject(model, lorakit.LoraConfig(**a_config), "a")
     lorakit.inject(model, lorakit.LoraConfig(**b_config), "b")
     randomise_lora(model)
     return model
 
 
-def _in_peft(model: nn.Module, tmp_path: Path) -> peft.PeftModel:
+def _in_peft(model: nn.Module, tmp_path: Path, make: Callable[[], nn.Module]) -> peft.PeftModel:
     """The same two adapters in real PEFT, through lorakit's PEFT-format files."""
     folders = {n: lorakit.save_adapter(model, tmp_path, adapter_name=n) for n in ("a", "b")}
-    peft_model = peft.PeftModel.from_pretrained(tiny_llama(), folders["a"], adapter_name="a")
+    peft_model = peft.PeftModel.from_pretrained(make(), folders["a"], adapter_name="a")
     peft_model.load_adapter(folders["b"], adapter_name="b")
     return peft_model.eval()
 
@@ -69,7 +84,8 @@ def _in_peft(model: nn.Module, tmp_path: Path) -> peft.PeftModel:
 def _peft_deltas(peft_model: peft.PeftModel, name: str) -> dict[str, torch.Tensor]:
     inner = peft_model.base_model.model
     return {path: m.get_delta_weight(name) for path, m in inner.named_modules()
-            if isinstance(m, peft.tuners.lora.LoraLayer) and name in m.lora_A}  # fmt: skip
+            if isinstance(m, peft.tuners.lora.LoraLayer)
+            and (name in m.lora_A or name in m.lora_embedding_A)}  # fmt: skip
 
 
 def _lorakit_deltas(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
@@ -79,8 +95,8 @@ def _lorakit_deltas(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_combine_matches_peft(case: Case, tmp_path: Path) -> None:
-    model = _two_adapters(case.b_config)
-    peft_model = _in_peft(model, tmp_path)
+    model = _two_adapters(case.b_config, case.make, case.a_config)
+    peft_model = _in_peft(model, tmp_path, case.make)
     peft_model.add_weighted_adapter(
         ["a", "b"], list(case.weights), "c", combination_type=case.method, svd_rank=case.rank
     )
@@ -93,7 +109,7 @@ def test_combine_matches_peft(case: Case, tmp_path: Path) -> None:
         torch.testing.assert_close(ours[path], theirs[path], rtol=0, atol=ATOL, msg=path)
     peft_model.set_adapter("c")
     lorakit.set_active(model, "c")
-    assert not torch.allclose(_run(model), _run(tiny_llama()), atol=1e-3)  # "c" matters
+    assert not torch.allclose(_run(model), _run(case.make()), atol=1e-3)  # "c" matters
     torch.testing.assert_close(_run(model), _run(peft_model), rtol=0, atol=ATOL)
 
 

@@ -172,3 +172,19 @@ def test_dora_folder_is_refused(tmp_path: Path) -> None:
     lorakit.save_adapter(_mlp_with("default", use_dora=True), tmp_path / "d")
     with pytest.raises(lorakit.ConfigError, match="use_dora=True; compress works on plain"):
         lorakit.compress_adapter(tmp_path / "d", 1, tmp_path / "o")
+
+
+def test_compress_keeps_names_order_and_active_set() -> None:
+    model = tiny_mlp()
+    for name in ("a", "b", "c"):
+        lorakit.inject(model, lorakit.LoraConfig(rank=4, targets=("fc1", "fc2")), name)
+    randomise_lora(model)
+    lorakit.set_active(model, ["a", "c"])
+    lorakit.compress(model, "a", 2)
+    lorakit.compress(model, "b", 2)
+    assert lorakit.adapter_names(model) == ("a", "b", "c")
+    assert lorakit.active_adapters(model) == ("a", "c")
+    trainable = {n.split(".")[-2] for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"a", "c"}
+    assert all(layer.lora["a"].rank == 2 and layer.lora["c"].rank == 4
+               for _, layer in lorakit.lora_layers(model))  # fmt: skip
