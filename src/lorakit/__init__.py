@@ -3,6 +3,8 @@
 from . import optim
 from ._version import __version__
 from .adapters import active_adapters, adapter_names, delete_adapter, set_active
+from .algebra import LayerCompression, combine, compress
+from .algebra_files import compress_adapter
 from .checkpoint import from_pretrained, load_adapter, save_adapter
 from .config import LoraConfig
 from .errors import (
@@ -34,6 +36,7 @@ __all__ = [
     "CheckpointError",
     "ConfigError",
     "InjectionReport",
+    "LayerCompression",
     "LoRA",
     "LoRAConv1d",
     "LoRAConv2d",
@@ -49,6 +52,9 @@ __all__ = [
     "active_adapters",
     "adapter_names",
     "build",
+    "combine",
+    "compress",
+    "compress_adapter",
     "delete_adapter",
     "delta_weight",
     "disabled",

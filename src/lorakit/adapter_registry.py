@@ -57,3 +57,8 @@ def adapter_configs(model: nn.Module) -> dict[str, LoraConfig]:
 def next_order(model: nn.Module) -> int:
     """The injection order the next adapter of `model` gets: after every one it holds."""
     return 1 + max((r.order for r in _registered(model).values()), default=-1)
+
+
+def adapter_order(model: nn.Module, name: str) -> int:
+    """The injection order of adapter `name`, so a rebuilt adapter keeps its place."""
+    return _registered(model)[name].order

@@ -9,7 +9,7 @@ import sys
 from ..errors import LorakitError
 
 # Subcommand modules of this package; each defines register(subparsers) and sets `func`.
-COMMANDS: tuple[str, ...] = ("inspect", "merge", "finetune", "generate", "serve")
+COMMANDS: tuple[str, ...] = ("inspect", "merge", "compress", "finetune", "generate", "serve")
 
 
 def build_parser() -> argparse.ArgumentParser:

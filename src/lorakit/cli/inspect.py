@@ -1,14 +1,18 @@
-"""`lorakit inspect PATH [--json]`: what an adapter folder holds, without loading a model.
+"""`lorakit inspect PATH [--json] [--spectrum] [--plot FILE]`: what an adapter folder holds,
+without loading a model.
 
 Prints the base model, task and label names the adapter was saved for, the PEFT config,
 rank / alpha / scale per adapted module, parameter count, file size, and the base model
-fingerprint lorakit records in the safetensors header.
+fingerprint lorakit records in the safetensors header. `--spectrum` adds the singular values
+of each layer's delta s * B A and its effective ranks (see `lorakit.spectrum_report`);
+`--plot FILE` draws them into a PNG (needs matplotlib).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from ..checkpoint import META_FINGERPRINT, META_VERSION, read_adapter
@@ -17,6 +21,7 @@ from ..checkpoint.io import CONFIG_NAME, WEIGHTS_NAME
 from ..checkpoint.peft_format import PREFIX, from_peft
 from ..config import scaling
 from ..errors import CheckpointError
+from ..spectrum_report import adapter_spectrum, format_spectrum, plot_spectrum
 from ..table import table_lines
 
 _A_SUFFIXES = (".lora_A.weight", ".lora_embedding_A")
@@ -133,7 +138,18 @@ def format_text(info: dict) -> str:
 
 def run(args: argparse.Namespace) -> int:
     info = describe(args.path, args.adapter_name, allow_pickle=args.allow_pickle)
-    print(json.dumps(info, indent=2) if args.json else format_text(info))
+    spectra = None
+    if args.spectrum or args.plot:
+        spectra = adapter_spectrum(args.path, args.adapter_name, allow_pickle=args.allow_pickle)
+        info["spectrum"] = [s.as_dict() for s in spectra]
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        print(format_text(info))
+        if spectra is not None:
+            print("\nspectrum of s * B A per layer\n" + format_spectrum(spectra))
+    if args.plot:
+        print(f"plot: {plot_spectrum(spectra, args.plot)}", file=sys.stderr)
     return 0
 
 
@@ -151,4 +167,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--allow-pickle", action="store_true", help="also read a legacy adapter_model.bin"
     )
+    parser.add_argument(
+        "--spectrum", action="store_true", help="singular values and effective ranks per layer"
+    )
+    parser.add_argument("--plot", metavar="FILE", help="draw the spectrum into a PNG file")
     parser.set_defaults(func=run)
