@@ -19,7 +19,7 @@ from ..targets import find_targets, without_missing_saved
 from ..tree import base_modules
 from .files import DEFAULT, open_adapter
 from .io import CONFIG_NAME
-from .peft_format import from_peft, with_prefix
+from .peft_format import from_peft, with_prefix, wrapper_copies
 from .plan import Modules, Slot, factor_dtype, plan
 from .validate import check_base, check_finite, check_tensors
 
@@ -84,6 +84,8 @@ def load_adapter(
         targets = _targets(model, config, files.folder)  # found once: inject_found takes them
         slots = plan(config, list(base_modules(model)), targets)
         names = {with_prefix(k): k for k in files.entries}  # keys are unique with the prefix
+        for copy in wrapper_copies(set(names), config):
+            del names[copy]
         check_tensors(slots, {k: files.entries[n] for k, n in names.items()}, files.folder)
         wanted = [key for key in slots if key in names]
         read = files.read([names[key] for key in wanted])  # nothing else is read

@@ -7,6 +7,10 @@ Keys (the adapter name never appears; `base_model.model.` is optional when readi
     <path>.lora_magnitude_vector (out,)   DoRA's magnitude (use_dora), any layer type
     <path>.base_layer.bias                bias of an adapted layer (bias "lora_only" / "all")
     <path>.<param>                        other biases ("all"), modules_to_save tensors
+
+With `bias="all"` PEFT also writes a modules_to_save layer's biases under its wrapper's
+names: `<path>.modules_to_save.bias` (the trained copy, again) and `<path>.original_module.bias`
+(the original, which its forward never uses). Reading skips both (`wrapper_copies`).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from collections.abc import Mapping
 
 from ..config import LoraConfig
 from ..errors import CheckpointError
+from ..names import name_matches
 from .schema import check_types
 
 PREFIX = "base_model.model."
@@ -171,3 +176,23 @@ def param_key(path: str, param: str, adapted: bool) -> str:
 def with_prefix(key: str) -> str:
     """PEFT accepts keys with or without `base_model.model.`; lorakit compares with it."""
     return key if key.startswith(PREFIX) else PREFIX + key
+
+
+_WRAPPER_KEY = re.compile(r"(.+)\.(modules_to_save|original_module)\.([^.]+)")
+
+
+def wrapper_copies(keys: set[str], config: LoraConfig) -> set[str]:
+    """The keys (with PREFIX) among `keys` that PEFT writes under a modules_to_save layer's
+    wrapper besides the layer's own tensors: `<path>.original_module.<p>` and, when
+    `<path>.<p>` is there too, `<path>.modules_to_save.<p>`. Loading leaves them unread."""
+    copies = set()
+    for key in keys:
+        found = _WRAPPER_KEY.fullmatch(key)
+        if found is None:
+            continue
+        path, kind, param = found.groups()
+        if not name_matches(path.removeprefix(PREFIX), config.modules_to_save):
+            continue
+        if kind == "original_module" or f"{path}.{param}" in keys:
+            copies.add(key)
+    return copies
