@@ -15,12 +15,15 @@ also runs under bf16 autocast).
 lorakit: `inject`; PEFT: `get_peft_model` (its bitsandbytes LoRA layers on the NF4 base).
 Each cell is a fresh process (the variants alternate); a step is forward + backward +
 AdamW on random token ids, timed after one warm-up step (median). Memory: the process's peak
-resident set (VmHWM: model included) on the CPU, `torch.cuda.max_memory_allocated` on CUDA.
+resident set during the steps (VmHWM reset after loading: the model and everything the steps
+allocate, not the loader's transient fp32 copy) on the CPU, `torch.cuda.max_memory_allocated`
+on CUDA.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import statistics
@@ -105,6 +108,12 @@ def adapted(model: nn.Module, lib: str) -> nn.Module:
     return peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS))
 
 
+def reset_peak_rss() -> None:
+    """Make VmHWM restart from the current resident set (Linux: clear_refs 5)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
 def child(args: argparse.Namespace, base: str, lib: str) -> dict[str, float]:
     device = args.device
     compute = torch.bfloat16 if device == "cuda" else torch.float32
@@ -119,6 +128,8 @@ def child(args: argparse.Namespace, base: str, lib: str) -> dict[str, float]:
     )
     ids = ids.to(device)
     autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda")
+    gc.collect()
+    reset_peak_rss()  # the peak of the steps, not of loading (which briefly holds fp32 weights)
     times = []
     for _ in range(args.steps + 1):
         if device == "cuda":
