@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/qlora.py [--model smollm2|1b] [--batch 4] [--tokens 256]
                                          [--steps 3] [--device cpu|cuda]
+                                         [--gradient-checkpointing]
 
 Same model and adapter config in every cell: rank 16, alpha 32, every linear layer but the
 output head, float32 adapters, AdamW. Bases:
@@ -13,6 +14,9 @@ output head, float32 adapters, AdamW. Bases:
 NF4 computes in float32 on the CPU, bfloat16 on CUDA (`--device cuda`, where the fp32 base
 also runs under bf16 autocast).
 lorakit: `inject`; PEFT: `get_peft_model` (its bitsandbytes LoRA layers on the NF4 base).
+`--gradient-checkpointing` turns on non-reentrant checkpointing of the blocks in every cell
+(as QLoRA users run it: PEFT's `prepare_model_for_kbit_training` does by default), so the
+weights, not the activations, set the peak.
 Each cell is a fresh process (the variants alternate); a step is forward + backward +
 AdamW on random token ids, timed after one warm-up step (median). Memory: the process's peak
 resident set during the steps (VmHWM reset after loading: the model and everything the steps
@@ -97,7 +101,9 @@ def load_smollm2(base: str, device: str, compute: torch.dtype) -> nn.Module:
     return model
 
 
-def adapted(model: nn.Module, lib: str) -> nn.Module:
+def adapted(model: nn.Module, lib: str, checkpointing: bool) -> nn.Module:
+    if checkpointing:  # what both libraries' users call: transformers' own switch
+        model.activation_checkpointing_enable({"use_reentrant": False})
     if lib == "lorakit":
         import lorakit
 
@@ -118,7 +124,7 @@ def child(args: argparse.Namespace, base: str, lib: str) -> dict[str, float]:
     device = args.device
     compute = torch.bfloat16 if device == "cuda" else torch.float32
     build = build_1b if args.model == "1b" else load_smollm2
-    model = adapted(build(base, device, compute), lib).train()
+    model = adapted(build(base, device, compute), lib, args.gradient_checkpointing).train()
     model.config.use_cache = False
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
@@ -154,6 +160,8 @@ def measure(args: argparse.Namespace, base: str, lib: str) -> dict[str, float]:
     cmd = [sys.executable, sys.argv[0], "--child", f"{base}/{lib}", "--model", args.model,
            "--batch", str(args.batch), "--tokens", str(args.tokens), "--steps", str(args.steps),
            "--device", args.device]  # fmt: skip
+    if args.gradient_checkpointing:
+        cmd.append("--gradient-checkpointing")
     done = subprocess.run(cmd, env={**os.environ, **MEMORY_ENV}, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"{base}/{lib} failed:\n{done.stderr[-3000:]}")
@@ -174,8 +182,9 @@ def report(results: dict[tuple[str, str], dict[str, float]], args: argparse.Name
         ratios.append(
             f"{base}: lorakit/peft step time {time_ratio:.2f}x, memory {memory_ratio:.2f}x"
         )
+    checkpointing = ", gradient checkpointing" if args.gradient_checkpointing else ""
     head = (f"{args.model}, batch {args.batch}x{args.tokens}, rank 16 all linear, "
-            f"{args.device}, median of {args.steps} steps")  # fmt: skip
+            f"{args.device}{checkpointing}, median of {args.steps} steps")  # fmt: skip
     return "\n".join([head, "", table(rows), "", *ratios])
 
 
@@ -186,6 +195,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=256)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--child")
     args = parser.parse_args()
     if args.child:
