@@ -110,7 +110,9 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     4-bit or 8-bit codes). Raises as `merge`.
     """
     _check_adapters(model)
-    if getattr(model, "is_quantized", False):  # the model is one quantized layer
+    # the model is one quantized layer (a transformers model loaded quantized has an
+    # `is_quantized` attribute too: not a layer)
+    if isinstance(model, LoraLayer) and getattr(model, "is_quantized", False):
         return model.merged_linear()
     _unload_quantized(model)
     merge(model, keep_original=False)  # nothing is unmerged after this: no copy needed
