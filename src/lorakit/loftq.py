@@ -188,12 +188,13 @@ def _loftq_layer(layer: LoraLayer, adapter: LoRA, weight: Tensor, iters: int) ->
     from .layers.dequantize import dequantized_weight
     from .layers.requantize import requantize_, roundtrip
 
-    weight = weight.to(device=layer.weight.device, dtype=torch.float32)
-    norm = weight.norm()
-    before = (weight - dequantized_weight(layer)).norm() / norm
-    factors = loftq_factors(weight, lambda w: roundtrip(layer, w), adapter.rank,
-                            adapter.scaling, iters)  # fmt: skip
-    requantize_(layer, factors.source)
-    _write(adapter, factors)
-    approx = dequantized_weight(layer) + adapter.delta_weight().float()
-    return LoftqError(float(before), float((weight - approx).norm() / norm))
+    with torch.no_grad():
+        weight = weight.to(device=layer.weight.device, dtype=torch.float32)
+        norm = weight.norm()
+        before = (weight - dequantized_weight(layer)).norm() / norm
+        factors = loftq_factors(weight, lambda w: roundtrip(layer, w), adapter.rank,
+                                adapter.scaling, iters)  # fmt: skip
+        requantize_(layer, factors.source)
+        _write(adapter, factors)
+        approx = dequantized_weight(layer) + adapter.delta_weight().float()
+        return LoftqError(float(before), float((weight - approx).norm() / norm))

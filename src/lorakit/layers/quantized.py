@@ -79,7 +79,6 @@ class QuantizedLinearLoraMixin(LinearLoraMixin):
                 weight += self.delta_weight(name).to(weight)
         return full_precision_linear(self, weight)
 
-
     def requantize_merged(self) -> float:
         """Write dequant(W) + sum of the active deltas back into this layer's codes, in place
         (same quantization settings), and drop every adapter: the layer is its base class again.
@@ -99,6 +98,7 @@ class QuantizedLinearLoraMixin(LinearLoraMixin):
             size = delta.norm()
         self.restore()
         return float(lost / size) if size > 0 else 0.0
+
 
 class Linear4bitLoraMixin(QuantizedLinearLoraMixin):
     bits = 4
