@@ -166,3 +166,15 @@ def test_config_accepts_loftq_and_still_lists_the_choices():
     assert lorakit.LoraConfig(init="loftq").init == "loftq"
     with pytest.raises(ConfigError, match=r"init must be one of \[.*'loftq'\], got 'pissa'"):
         lorakit.LoraConfig(init="pissa")
+
+
+def test_a_loftq_adapter_saves_and_loads_onto_a_fresh_quantized_base(tmp_path):
+    full, model = full_mlp(), quantized_mlp("nf4")
+    lorakit.inject(model, CONFIG)
+    lorakit.loftq_init(model, full.state_dict())
+    lorakit.save_adapter(model, tmp_path / "adapter")
+    again = quantized_mlp("nf4")  # the same codes: one step keeps them
+    lorakit.load_adapter(again, tmp_path / "adapter")
+    x = torch.randn(4, IN)
+    with torch.no_grad():
+        torch.testing.assert_close(again(x), model(x), rtol=0, atol=0)

@@ -144,7 +144,9 @@ def loftq_init(
         full_weights: the full-precision base's state dict, {"<layer path>.weight": W},
             e.g. `safetensors.torch.load_file("base/model.safetensors")`.
         iters: alternating steps (PEFT's `loftq_iter`); 1 fits the adapter to the layer's
-            own codes.
+            own codes, so the saved adapter fits any load of the base with the same
+            quantization. More steps rewrite the codes: the adapter then fits only them, and
+            the quantized base must be saved along with it.
 
     Returns:
         {layer path: LoftqError}: the weight error before (fresh adapter) and after.
