@@ -9,9 +9,13 @@ beside it, with the same adapter name and the MHA's rank and alpha. Each forward
     in_proj_weight + sum s B A  (this layer's active, unmerged adapters, in turn)
     out_proj.weight + sum s B A (out_proj's)
 
-and shows them to the base forward in place of the two parameters: PEFT's numbers, which it gets
-by merging before each forward and unmerging after. Everything else (merge, unmerge, disable,
-delete, save) is the generic per-layer code, the two layers each doing their part.
+and shows them to the base forward in place of the two parameters (PEFT merges before each
+forward and unmerges after). Everything else (merge, unmerge, disable, delete, save) is the
+generic per-layer code, the two layers each doing their part.
+
+One difference: PEFT 0.21 adds out_proj's delta twice (its MHA merge writes W + dW into
+out_proj, then calls out_proj.merge(), which adds dW again through `.data`, so the gradient
+sees one); huggingface/peft#3774 fixes it. lorakit adds it once, the LoRA math.
 
 As in PEFT: the adapters' dropout is not applied (the deltas go into the weights, not the
 input; a warning says so), query, key and value must share embed_dim (the packed in-projection),
