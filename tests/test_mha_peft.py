@@ -12,6 +12,7 @@ from pathlib import Path
 import peft
 import pytest
 import torch
+from peft_quirks import PEFT_OUT_PROJ_FACTOR, fix_peft_out_proj
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
@@ -113,34 +114,6 @@ def _peft_model(case: Case) -> nn.Module:
     return model
 
 
-def _peft_out_proj_factor() -> int:
-    """How many times PEFT adds an MHA out_proj's delta: 2 in PEFT 0.21 (its merge writes
-    W + dW, then calls out_proj.merge(), which adds dW again through `.data`, in every forward
-    too; huggingface/peft#3774 fixes it), 1 once fixed. lorakit adds it once: the LoRA math."""
-    config = peft.LoraConfig(target_modules=["mha"], init_lora_weights=False)
-    model = peft.get_peft_model(AttentionNet(), config)
-    out_proj = model.base_model.model.mha.base_layer.out_proj
-    with torch.no_grad():
-        before = out_proj.base_layer.weight.clone()
-        delta = out_proj.get_delta_weight("default")
-        model.merge_adapter()
-        added = out_proj.base_layer.weight - before
-    return round(float((added * delta).sum() / (delta * delta).sum()))
-
-
-PEFT_OUT_PROJ_FACTOR = _peft_out_proj_factor()
-
-
-def _fix_peft_out_proj(model: nn.Module) -> nn.Module:
-    """Divide each MHA out_proj's B in a PEFT model by `PEFT_OUT_PROJ_FACTOR`, so that PEFT
-    computes what the file means, W + s B A: the reference lorakit is compared with."""
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if ".out_proj.lora_B." in name:
-                p.div_(PEFT_OUT_PROJ_FACTOR)
-    return model
-
-
 def _lorakit_config(case: Case) -> lorakit.LoraConfig:
     return lorakit.LoraConfig(rank=case.rank, alpha=2 * case.rank, targets=case.targets,
                               **case.both)  # fmt: skip
@@ -154,7 +127,7 @@ def _run(model: nn.Module, case: Case) -> Tensor:
 def test_peft_file_loads_in_lorakit(case: Case, tmp_path: Path) -> None:
     ref = _peft_model(case).eval()
     ref.save_pretrained(tmp_path)
-    _fix_peft_out_proj(ref)
+    fix_peft_out_proj(ref)
     model = lorakit.from_pretrained(case.make(), tmp_path).eval()
     assert isinstance(model.mha, LoraLayer) and isinstance(model.mha.out_proj, LoraLayer)
     with torch.no_grad():
@@ -182,7 +155,7 @@ def test_lorakit_file_loads_in_peft(case: Case, tmp_path: Path) -> None:
     assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in theirs.items()}
     config = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
     assert config["target_modules"] == list(case.targets)
-    ref = _fix_peft_out_proj(peft.PeftModel.from_pretrained(case.make(), tmp_path / "ours"))
+    ref = fix_peft_out_proj(peft.PeftModel.from_pretrained(case.make(), tmp_path / "ours"))
     ref.eval()
     model.eval()
     with torch.no_grad():
@@ -224,7 +197,7 @@ GRAD_CASES = [c for c in CASES if c.id in ("seq-first", "need-weights", "with-li
 def test_gradients_match_peft(case: Case, tmp_path: Path) -> None:
     ref = _peft_model(case)
     ref.save_pretrained(tmp_path)
-    _fix_peft_out_proj(ref)
+    fix_peft_out_proj(ref)
     model = lorakit.from_pretrained(case.make(), tmp_path)
     ref.train()
     model.train()
@@ -244,7 +217,7 @@ def test_merge_and_unmerge_are_exact_and_match_peft(tmp_path: Path) -> None:
     case = CASES[1]
     ref = _peft_model(case).eval()
     ref.save_pretrained(tmp_path)
-    _fix_peft_out_proj(ref)
+    fix_peft_out_proj(ref)
     model = lorakit.from_pretrained(case.make(), tmp_path).eval()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with torch.no_grad():
@@ -268,7 +241,7 @@ def test_two_active_adapters_match_peft(tmp_path: Path) -> None:
     ref.set_adapter("second")
     _nudge_trainable(ref, seed=9)
     ref.save_pretrained(tmp_path)
-    _fix_peft_out_proj(ref)
+    fix_peft_out_proj(ref)
     ref.base_model.set_adapter(["default", "second"])
     ref.eval()
     model = case.make()
@@ -304,7 +277,7 @@ def test_disable_delete_and_unload_give_the_base_back() -> None:
 
 
 def test_peft_adds_out_proj_delta_twice_lorakit_once() -> None:
-    """The one difference from PEFT 0.21 (see `_peft_out_proj_factor`); the tests above compare
+    """The one difference from PEFT 0.21 (see `peft_quirks`); the tests above compare
     with PEFT's out_proj B divided by this factor, so they hold before and after PEFT's fix."""
     assert PEFT_OUT_PROJ_FACTOR in (1, 2)
     model = AttentionNet()
