@@ -342,3 +342,29 @@ def test_dropout_is_not_applied_and_says_so() -> None:
     model = AttentionNet()
     with pytest.warns(UserWarning, match=r"dropout=0.1 is not applied on nn.MultiheadAttention"):
         lorakit.inject(model, lorakit.LoraConfig(targets=("mha",), dropout=0.1))
+
+
+def test_peft_adapter_on_out_proj_alone_changes_nothing() -> None:
+    """Why lorakit refuses it: PEFT accepts it, and the adapter is silently ignored."""
+    config = peft.LoraConfig(target_modules=["out_proj"], init_lora_weights=False)
+    ref = peft.get_peft_model(AttentionNet(), config).eval()
+    case = CASES[0]
+    with torch.no_grad():
+        torch.testing.assert_close(_run(ref, case), _run(case.make(), case), rtol=0, atol=0)
+
+
+def test_routing_rows_of_adapters_elsewhere_leaves_attention_at_base() -> None:
+    """A routed adapter that is not on the MHA: the MHA computes its base output, as each row
+    would alone with only that adapter active."""
+    case = CASES[1]  # batch first: routing takes the batch on dim 0
+    model = case.make()
+    lorakit.inject(model, lorakit.LoraConfig(targets=("mha",)), adapter_name="a")
+    lorakit.inject(model, lorakit.LoraConfig(targets=("lin0",)), adapter_name="b")
+    lorakit.set_active(model, ["a", "b"])
+    _nudge_trainable(model, seed=4)
+    model.eval()
+    with torch.no_grad():
+        with lorakit.routing(model, ["b"] * BATCH):
+            routed = _run(model, case)
+        lorakit.set_active(model, "b")
+        torch.testing.assert_close(routed, _run(model, case), rtol=0, atol=1e-6)
