@@ -316,7 +316,8 @@ def _grads(model: nn.Module, case: Case, rename: Callable[[str], str]) -> dict[s
     return {n: grad for (n, _), grad in zip(named, grads) if grad is not None}
 
 
-# lorakit's fused path draws its dropout masks its own way: same distribution, other masks
+# lorakit's fused path draws its dropout masks its own way (same distribution, other masks;
+# its plain path draws PEFT's): rows with dropout are compared without it, above
 GRAD_CASES = [c for c in CASES if not c.options.get("lora_dropout")]
 
 
