@@ -317,7 +317,7 @@ def _grads(model: nn.Module, case: Case, rename: Callable[[str], str]) -> dict[s
 
 
 # lorakit's fused path draws its dropout masks its own way (same distribution, other masks;
-# its plain path draws PEFT's): rows with dropout are compared without it, above
+# its plain path draws PEFT's): rows with dropout are left out (outputs compared above)
 GRAD_CASES = [c for c in CASES if not c.options.get("lora_dropout")]
 
 
