@@ -15,7 +15,7 @@ from .errors import ConfigError
 from .names import name_matches
 
 Bias = Literal["none", "all", "lora_only"]
-Init = Literal["kaiming", "gaussian", "zeros"]
+Init = Literal["kaiming", "gaussian", "zeros", "loftq"]
 ALL_LINEAR = "all-linear"
 
 # Dtypes adapters can be initialised and computed in (float8 kernels lack both).
@@ -157,6 +157,8 @@ class LoraConfig:
         modules_to_save: modules (names or suffixes) trained in full, e.g. a classifier head.
         init: "kaiming" (PEFT: A kaiming-uniform, B zero), "gaussian" (Edifice: A ~ N(0, 0.02),
             B zero) or "zeros" (both zero; for loading). Embeddings swap A and B (PEFT).
+            "loftq": A and B from the SVD of the base weight's NF4 quantization error, the
+            weight replaced by its NF4 round trip (Linear layers; see `lorakit.loftq`).
         dtype: adapter parameter dtype: float16, bfloat16, float32 (the default) or float64;
             None follows the base layer.
         use_dora: DoRA (PEFT's name): a trainable magnitude per output row rescales the
