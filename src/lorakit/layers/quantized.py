@@ -76,16 +76,30 @@ class QuantizedLinearLoraMixin(LinearLoraMixin):
             for name in self.lora_active:
                 weight += self.delta_weight(name).to(weight)
             dtype = original_dtype(self)
+            bias = self._merged_bias()
             linear = nn.Linear(
-                self.in_features, self.out_features, self.bias is not None,
+                self.in_features, self.out_features, bias is not None,
                 device=weight.device, dtype=dtype,
             )  # fmt: skip
             linear.weight.copy_(weight)
-            if self.bias is not None:
-                linear.bias.copy_(self.bias)
-                linear.bias.requires_grad_(self.bias.requires_grad)
+            if bias is not None:
+                linear.bias.copy_(bias)
+                linear.bias.requires_grad_(self.bias is not None and self.bias.requires_grad)
         linear.weight.requires_grad_(False)  # a frozen base, as the other unloaded layers
         return linear.train(self.training)
+
+
+    def _merged_bias(self) -> torch.Tensor | None:
+        """The bias plus s * b of each active adapter with lora_bias (float32), or None when
+        there is neither: a new Linear can take the lora biases even where the base had none."""
+        biased = [self.lora[n] for n in self.lora_active if self.lora[n].lora_bias is not None]
+        if self.bias is None and not biased:
+            return None
+        total = torch.zeros(self.out_features, device=self.weight.device)
+        total = total if self.bias is None else total + self.bias.float()
+        for adapter in biased:
+            total = total + adapter.lora_bias.float() * adapter.scaling
+        return total
 
 
 class Linear4bitLoraMixin(QuantizedLinearLoraMixin):
