@@ -20,7 +20,10 @@ from lorakit.layers import LoraLayer, lora_class
 from lorakit.spectrum import factor_svd
 
 ATOL = 1e-5
-pytestmark = pytest.mark.filterwarnings("ignore:lora_bias=True on a")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:lora_bias=True on a"),
+    pytest.mark.filterwarnings("ignore:`lora_bias=True` was passed"),  # PEFT's warning
+]
 
 
 def _x() -> torch.Tensor:
@@ -256,3 +259,37 @@ def test_finetune_flag_lora_bias() -> None:
     parser = build_parser()
     assert options_from_args(parser.parse_args(["finetune", "--lora-bias"]))[1].lora_bias
     assert not options_from_args(parser.parse_args(["finetune"]))[1].lora_bias
+
+
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+def test_quantized_lora_bias_matches_peft_and_merge_and_unload_keeps_it(
+    kind: str, tmp_path: Path
+) -> None:
+    """PEFT's bitsandbytes layers take lora_bias too: its file loads to its outputs, and
+    `merge_and_unload` (full precision) adds s * b, also where the base had no bias."""
+    import bitsandbytes as bnb
+    import peft
+    from qlora_models import IN, quantized_mlp
+
+    from lorakit.layers.dequantize import keep_trainable_layout
+
+    config = peft.LoraConfig(r=4, lora_alpha=12, target_modules=["0", "2"], lora_bias=True)
+    ref = peft.get_peft_model(quantized_mlp(kind), config)
+    for module in ref.modules():  # the base forward lorakit runs (no CPU inference repacking)
+        if isinstance(module, bnb.nn.Linear4bit):
+            keep_trainable_layout(module)
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if "lora" in name:
+                p.add_(torch.randn(p.shape, generator=generator) * 0.1)
+    ref.save_pretrained(tmp_path)
+    model = lorakit.from_pretrained(quantized_mlp(kind), tmp_path)
+    x = torch.randn(5, IN, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = ref.eval()(x)
+        torch.testing.assert_close(model.eval()(x), want, rtol=0, atol=ATOL)
+        merged = lorakit.merge_and_unload(model)
+        assert merged[2].bias is not None  # the base had none: it holds s * b
+        tolerance = 0.05 if kind == "int8" else 1e-4  # the quantized forward rounds
+        torch.testing.assert_close(merged(x), want, rtol=tolerance, atol=tolerance)
