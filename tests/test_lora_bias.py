@@ -255,6 +255,20 @@ def test_compress_adapter_folder_refuses(make, match: str, tmp_path: Path) -> No
         lorakit.compress_adapter(tmp_path / "in", 1, tmp_path / "out", adapter_name=name)
 
 
+def test_inspect_spectrum_reads_a_grouped_conv_adapter(tmp_path: Path, capsys) -> None:
+    from lorakit.cli import main
+    from lorakit.spectrum_report import adapter_spectrum
+
+    model = _grouped(lora_bias=True)
+    lorakit.save_adapter(model, tmp_path)
+    (layer,) = adapter_spectrum(tmp_path)
+    want = torch.linalg.svdvals(model[0].delta_weight("default").flatten(1).double())[:4]
+    got = torch.tensor(layer.singular_values, dtype=torch.float64)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert main(["inspect", str(tmp_path), "--spectrum"]) == 0
+    assert f"{want[0].item():.4g}"[:4] in capsys.readouterr().out  # the top singular value
+
+
 def test_finetune_flag_lora_bias() -> None:
     parser = build_parser()
     assert options_from_args(parser.parse_args(["finetune", "--lora-bias"]))[1].lora_bias
