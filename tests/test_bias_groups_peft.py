@@ -272,3 +272,21 @@ def test_peft_mixed_batch_with_lora_bias_matches_routing(tmp_path: Path) -> None
         want = ref.eval()(case.x(), adapter_names=rows)
         with lorakit.routing(model.eval(), [None if r == "__base__" else r for r in rows]):
             torch.testing.assert_close(model(case.x()), want, rtol=0, atol=ATOL)
+
+
+def test_two_active_adapters_on_a_grouped_conv_match_peft(tmp_path: Path) -> None:
+    """A lora_bias adapter, then a DoRA one, both active on one grouped conv: PEFT applies them
+    in turn (DoRA rescaling what came before it), and so does lorakit."""
+    case = next(c for c in CASES if c.id == "conv2d-groups-lora-bias")
+    ref = _peft_model(case)
+    ref.add_adapter("second", peft.LoraConfig(r=4, target_modules=["conv"], use_dora=True))
+    _nudge_adapters(ref, seed=9)
+    ref.save_pretrained(tmp_path)
+    ref.base_model.set_adapter(["default", "second"])
+    model = case.make()
+    lorakit.load_adapter(model, tmp_path)
+    lorakit.load_adapter(model, tmp_path / "second", adapter_name="second")
+    lorakit.set_active(model, ["default", "second"])
+    x = case.x()
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(x), ref.eval()(x), rtol=0, atol=ATOL)
