@@ -163,6 +163,9 @@ class LoraConfig:
             None follows the base layer.
         use_dora: DoRA (PEFT's name): a trainable magnitude per output row rescales the
             normalised W + s * B A (see `lorakit.layers.dora`); every layer type lorakit adapts.
+        lora_bias: a trainable bias on B (PEFT's name; saved as `lora_B.bias`): each adapted
+            layer adds s * (B A x + b), and merging adds s * b to the base bias. Not with
+            DoRA, the "gaussian" init (PEFT refuses both) or on embeddings.
 
     Raises:
         ConfigError: an option has an invalid value; the message names it.
@@ -181,6 +184,7 @@ class LoraConfig:
     init: Init = "kaiming"
     dtype: torch.dtype | None = torch.float32
     use_dora: bool = False
+    lora_bias: bool = False
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen: normalise once, here
@@ -210,6 +214,7 @@ class LoraConfig:
             raise ConfigError(f"use_rslora must be a bool, got {self.use_rslora!r}")
         if not isinstance(self.use_dora, bool):
             raise ConfigError(f"use_dora must be a bool, got {self.use_dora!r}")
+        _check_lora_bias(self)
         check_choice(self.bias, "bias", get_args(Bias))
         check_choice(self.init, "init", get_args(Init))
         set_(self, "dtype", _as_dtype(self.dtype))
@@ -230,6 +235,19 @@ class LoraConfig:
     def scaling(self) -> float:
         """alpha / rank, or alpha / sqrt(rank) with rsLoRA."""
         return scaling(self.rank, self.alpha, self.use_rslora)
+
+
+def _check_lora_bias(config: LoraConfig) -> None:
+    """PEFT's rules for lora_bias: a bool, and neither with DoRA nor with the gaussian init."""
+    if not isinstance(config.lora_bias, bool):
+        raise ConfigError(f"lora_bias must be a bool, got {config.lora_bias!r}")
+    if config.lora_bias and config.use_dora:
+        raise ConfigError("lora_bias=True is not supported with use_dora=True (nor in PEFT)")
+    if config.lora_bias and config.init == "gaussian":
+        raise ConfigError(
+            "lora_bias=True is not supported with init='gaussian' (PEFT allows it only with "
+            "its default init); use init='kaiming'"
+        )
 
 
 def _compile(pattern: str, option: str, shown: str | None = None) -> re.Pattern[str]:

@@ -37,15 +37,17 @@ def merge(model: nn.Module, keep_original: bool = True) -> nn.Module:
         MergeError: an adapter holds NaN or inf (checked on every layer before any write), an
             adapted weight is tied to another module, which merging would change too, or an
             adapted layer is quantized (bitsandbytes 4-bit / 8-bit: rounding the merged
-            weight back to its codes would lose the adapter; `merge_and_unload` dequantizes).
+            weight back to its codes would lose the adapter; `merge_and_unload` dequantizes),
+            a conv with groups > 1, or an adapter with lora_bias on a layer without a bias.
         AdapterError: called inside `disabled(model)`.
     """
     layers = _check_adapters(model)
     _check_untied(model)
     for name, layer in layers:
         todo = [n for n in layer.lora_active if n not in layer.lora_merged]
-        if getattr(layer, "is_quantized", False) and todo:
-            raise MergeError(f"layer {name!r}: {layer.merge_refusal(todo[0])}; nothing was merged")
+        refusals = [r for r in map(layer.merge_refusal, todo) if r is not None]
+        if refusals:  # quantized, a grouped conv, a lora_bias without a base bias
+            raise MergeError(f"layer {name!r}: {refusals[0]}; nothing was merged")
     for _, layer in layers:
         layer.merge(keep_original=keep_original)
     return model

@@ -88,11 +88,6 @@ def lora_class(module: nn.Module) -> type[LoraLayer]:
         )
     if issubclass(found, LinearLoraMixin) and isinstance(module, nn.Linear):
         _check_plain_weight(module, found)
-    groups = getattr(module, "groups", 1)
-    if issubclass(found, ConvLoraMixin) and groups != 1:
-        raise UnsupportedLayerError(
-            f"cannot adapt {cls.__name__} with groups={groups}: LoRA supports groups=1 convs"
-        )
     return found
 
 
