@@ -21,6 +21,7 @@ from ..functional import merged_weight
 from .dora import DoRA, check_dora_layer, dora_forward, dora_merged, dora_unmerged, weight_rows
 from .lora import LoRA
 from .routing_hook import RoutingHook
+from .weight_init import apply_weight_init, check_init
 
 # The plain attributes `adapt` adds (besides the `lora` ModuleDict) and `restore` removes.
 _STATE = ("lora_active", "lora_merged", "lora_disabled", "lora_routing", "lora_original")
@@ -103,6 +104,7 @@ class LoraLayer(nn.Module):
         dtype = config.dtype or weight.dtype
         if config.use_dora:
             check_dora_layer(self)
+        check_init(type(self), self, config)
         try:
             adapter = (DoRA if config.use_dora else LoRA)(
                 in_features,
@@ -117,6 +119,7 @@ class LoraLayer(nn.Module):
                 device=weight.device,
                 dtype=dtype,
             )
+            apply_weight_init(self, adapter)  # PiSSA / OLoRA / MiCA; before DoRA's m
             if isinstance(adapter, DoRA):
                 adapter.reset_magnitude(weight, weight_rows(self, weight))
             return adapter
