@@ -319,3 +319,21 @@ def test_base_moving_init_refused_beside_other_adapters(merged: bool) -> None:
 def test_invalid_init_names(init: str) -> None:
     with pytest.raises(ConfigError, match=r"init must be one of .* or 'pissa_niter_K'"):
         lorakit.LoraConfig(init=init)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+@pytest.mark.parametrize("init", ["pissa", "olora", "mica"])
+def test_quantized_base_refuses_weight_inits(init: str, kind: str) -> None:
+    """PEFT refuses PiSSA / MiCA on quantized weights too (OLoRA it re-quantizes, a lossy
+    round trip lorakit leaves out); orthogonal needs no weight and works."""
+    from qlora_models import quantized_mlp
+
+    model = quantized_mlp(kind)
+    match = (
+        rf"init='{init}' needs a float32, float16 or bfloat16 base weight, "
+        r"got Linear(4bit|8bitLt) with torch\.(uint8|int8)"
+    )
+    with pytest.raises(UnsupportedLayerError, match=match):
+        lorakit.inject(model, _config(init, ("0",)))
+    lorakit.inject(model, _config("orthogonal", ("0",)))
+    assert model[0].lora["default"].lora_A.abs().sum() > 0
