@@ -337,3 +337,13 @@ def test_quantized_base_refuses_weight_inits(init: str, kind: str) -> None:
         lorakit.inject(model, _config(init, ("0",)))
     lorakit.inject(model, _config("orthogonal", ("0",)))
     assert model[0].lora["default"].lora_A.abs().sum() > 0
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora", "mica", "orthogonal"])
+def test_finetune_flag_takes_the_inits(init: str) -> None:
+    """`lorakit finetune --init` lists the `Init` names (pissa_niter_K only in Python)."""
+    from lorakit.cli import build_parser
+    from lorakit.cli.finetune import options_from_args
+
+    _, lora = options_from_args(build_parser().parse_args(["finetune", "--init", init]))
+    assert lora.init == init
