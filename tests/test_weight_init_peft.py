@@ -112,22 +112,34 @@ def test_same_factors_and_residual_as_peft(case: Case) -> None:
 
 @pytest.mark.parametrize("init", ["pissa_niter_3", "orthogonal"])
 def test_seeded_inits_draw_as_peft(init: str) -> None:
-    """The random inits make the same draws from the global generator as PEFT's own init
-    functions (PEFT also draws for the nn.Linear it builds first, so a whole model's seeds
-    differ; one layer's init from one seed is compared)."""
-    ref = peft.get_peft_model(MLP(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["lin1"]))
-    layer = ref.base_model.model.lin1
+    """The random inits make PEFT's draws from the global generator (also those of the
+    nn.Linear PEFT builds first), so a seeded model gets PEFT's factors and residual."""
+    case = Case(init, init, MLP, ("lin1", "lin2"), _features)
+    base = case.make()
     torch.manual_seed(11)
-    if init == "orthogonal":
-        layer.orthogonal_init("default")
-    else:
-        layer.pissa_init("default", init)
-    model = MLP()
+    ref = peft.get_peft_model(base, _peft_config(case))
+    model = case.make()
     torch.manual_seed(11)
-    lorakit.inject(model, lorakit.LoraConfig(rank=4, alpha=8, targets=("lin1",), init=init))
+    lorakit.inject(model, _config(case))
     ours, theirs = _weights(model), _weights(ref)
     for name, tensor in ours.items():
         torch.testing.assert_close(tensor, theirs[name], rtol=0, atol=1e-6, msg=name)
+
+
+def test_seeded_fast_svd_file_loads_as_in_peft(tmp_path: Path) -> None:
+    """A PEFT "pissa_niter_K" file: each loader replays a fresh random SVD; under one seed
+    lorakit's equals PEFT's own reload."""
+    case = Case("niter", "pissa_niter_2", MLP, ("lin1", "lin2"), _features)
+    ref = peft.get_peft_model(case.make(), _peft_config(case))
+    _train(ref, seed=5)
+    ref.save_pretrained(tmp_path)
+    x, base, other = case.x(), case.make(), case.make()
+    torch.manual_seed(12)
+    again = peft.PeftModel.from_pretrained(base, tmp_path).eval()
+    torch.manual_seed(12)
+    model = lorakit.load_adapter(other, tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(_out(model, x), _out(again, x), rtol=0, atol=ATOL)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])

@@ -105,6 +105,8 @@ class LoRA(nn.Module):
     def reset_parameters(self) -> None:
         """Re-initialise: one factor random, the other zero, so delta(x) = 0. Inits that read
         the base weight start at zero here; the layer fills them (`layers.weight_init`)."""
+        if self.init == "orthogonal" or self.init.startswith("pissa_niter_"):
+            self._draw_as_peft_builds()  # so a seeded model gets PEFT's random numbers
         if self.init == "orthogonal":
             return self._orthogonal()
         random, zero = (self.lora_B, self.lora_A) if self.embedding else (self.lora_A, self.lora_B)
@@ -117,6 +119,12 @@ class LoRA(nn.Module):
             nn.init.normal_(random)  # PEFT's embedding init
         else:
             nn.init.kaiming_uniform_(random, a=math.sqrt(5))  # PEFT's (and nn.Linear's) init
+
+    def _draw_as_peft_builds(self) -> None:
+        """Draw from the global generator what PEFT's `nn.Linear(in, r)` and `nn.Linear(r, out)`
+        draw when it builds A and B (kaiming-uniform, float32, CPU) before a random init."""
+        torch.empty(self.rank, self.in_features).uniform_()
+        torch.empty(self.out_features, self.rank).uniform_()
 
     def _orthogonal(self) -> None:
         """PEFT's "orthogonal" init, draw for draw from the global generator: the odd and even
