@@ -347,3 +347,16 @@ def test_finetune_flag_takes_the_inits(init: str) -> None:
 
     _, lora = options_from_args(build_parser().parse_args(["finetune", "--init", init]))
     assert lora.init == init
+
+
+def test_mica_file_loads_with_b_frozen(tmp_path: Path) -> None:
+    x = _features()
+    model = MLP()
+    lorakit.inject(model, _config("mica", ("lin1", "lin2")))
+    _train(model)
+    lorakit.save_adapter(model, tmp_path)
+    loaded = lorakit.load_adapter(MLP(), tmp_path)
+    assert not loaded.lin1.lora["default"].lora_B.requires_grad
+    assert loaded.lin1.lora["default"].lora_A.requires_grad
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=ATOL)

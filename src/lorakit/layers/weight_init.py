@@ -64,10 +64,10 @@ def check_init(cls: type[nn.Module], module: nn.Module, config: LoraConfig) -> N
         raise UnsupportedLayerError(f"init={init!r} supports {allowed} layers, not {kind}")
     weight = module.weight
     if getattr(cls, "is_quantized", False) or weight.dtype not in FLOAT_WEIGHTS:
+        hint = ": initialise the full model, then quantize the residual" if moves_base(init) else ""
         raise UnsupportedLayerError(
             f"init={init!r} needs a float32, float16 or bfloat16 base weight, got "
-            f"{type(module).__name__} with {weight.dtype}: initialise on the full-precision "
-            "model, then quantize the residual"
+            f"{type(module).__name__} with {weight.dtype}{hint}"
         )
     in_features, out_features, _ = cls.lora_dims(module)  # type: ignore[attr-defined]
     if config.rank > min(in_features, out_features):
