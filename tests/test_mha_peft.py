@@ -310,8 +310,11 @@ def test_out_proj_named_with_its_attention_is_adapted_once() -> None:
         ({}, {"use_dora": True}, UnsupportedLayerError, r"use_dora=True.*MultiheadAttention"),
         ({}, {"bias": "all"}, ConfigError, r"bias='all'.*'mha'.*bias='none'"),
         ({}, {"bias": "lora_only"}, ConfigError, r"bias='lora_only'.*MultiheadAttention"),
+        ({}, {"lora_bias": True}, UnsupportedLayerError, r"lora_bias=True.*MultiheadAttention"),
+        ({}, {"init": "pissa", "rank": 2}, UnsupportedLayerError,
+         r"init='pissa'.*MultiheadAttention"),
     ],
-    ids=["kdim-vdim", "dora", "bias-all", "bias-lora-only"],
+    ids=["kdim-vdim", "dora", "bias-all", "bias-lora-only", "lora-bias", "pissa"],
 )
 def test_refused_options(mha: dict, config: dict, error: type, match: str) -> None:
     model = AttentionNet(**mha)

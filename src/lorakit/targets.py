@@ -69,6 +69,12 @@ def _attention_out_proj(
             f"bias={config.bias!r} is not supported with nn.MultiheadAttention {name!r}: "
             "lorakit does not save its biases in PEFT's layout; use bias='none'"
         )
+    if config.lora_bias or config.init not in ("kaiming", "gaussian", "zeros"):
+        option = "lora_bias=True" if config.lora_bias else f"init={config.init!r}"
+        raise UnsupportedLayerError(
+            f"{option} is not supported on nn.MultiheadAttention {name!r}: its deltas are "
+            "merged into the packed weights for each forward (PEFT ignores a lora_bias there)"
+        )
     out_proj = module.out_proj
     lora_class(out_proj)
     return f"{name}.out_proj", out_proj

@@ -93,11 +93,6 @@ def lora_class(module: nn.Module) -> type[LoraLayer]:
         _check_plain_weight(module, found)
     if issubclass(found, MultiheadAttentionLoraMixin):
         check_attention(module)
-    groups = getattr(module, "groups", 1)
-    if issubclass(found, ConvLoraMixin) and groups != 1:
-        raise UnsupportedLayerError(
-            f"cannot adapt {cls.__name__} with groups={groups}: LoRA supports groups=1 convs"
-        )
     return found
 
 
