@@ -29,6 +29,7 @@ from .errors import AdapterError, UnsupportedLayerError
 from .layers.base import LoraLayer
 from .layers.conv import ConvLoraMixin
 from .layers.dora import DoRA, weight_rows
+from .layers.mha import MultiheadAttentionLoraMixin
 from .tree import lora_layers
 
 __all__ = ["RowRouting", "clear_cache", "routing"]
@@ -298,7 +299,8 @@ def routing(
     Raises:
         AdapterError: an unknown adapter name, merged adapters, an empty list, a nested
             routing context, or (at forward) a DoRA adapter with dropout in training mode.
-        UnsupportedLayerError: a routed adapter sits on a convolution.
+        UnsupportedLayerError: a routed adapter sits on a convolution or an
+            nn.MultiheadAttention (its deltas go into weights shared by all rows).
     """
     rows = list(adapters_per_row)
     if not rows:
@@ -318,7 +320,8 @@ def routing(
             )
         if layer.lora_routing is not None:
             raise AdapterError(f"layer {path!r} is already routed; routing contexts do not nest")
-        if isinstance(layer, ConvLoraMixin) and any(n in layer.lora for n in names):
+        unroutable = (ConvLoraMixin, MultiheadAttentionLoraMixin)  # PEFT refuses MHA too
+        if isinstance(layer, unroutable) and any(n in layer.lora for n in names):
             raise UnsupportedLayerError(
                 f"mixed-adapter batches support Linear, GPT-2 Conv1D and Embedding layers; "
                 f"{path!r} is a {type(layer).__name__}"

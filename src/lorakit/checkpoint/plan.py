@@ -18,6 +18,7 @@ from ..config import ALL_LINEAR, LoraConfig
 from ..layers import lora_class
 from ..layers.dora import magnitude_shape
 from ..layers.lora import check_groups
+from ..layers.mha import out_proj_owners, peft_module_path
 from ..layers.registry import weight_shape
 from ..names import name_matches
 from ..tree import base_modules
@@ -75,10 +76,11 @@ def plan(config: LoraConfig, modules: Modules, targets: Modules) -> dict[str, Sl
     `modules` is the model's `base_modules`, walked once by the caller."""
     slots: dict[str, Slot] = {}
     adapted = {path for path, _ in targets}
+    owners = out_proj_owners(targets)  # an MHA's out_proj: the MHA's rank, PEFT's key path
     for path, module in targets:
-        a_shape, b_shape = lora_shapes(module, config.for_module(path))
+        a_shape, b_shape = lora_shapes(module, config.for_module(owners.get(path, path)))
         embedding = lora_class(module).is_embedding
-        key_a, key_b = lora_keys(path, embedding)
+        key_a, key_b = lora_keys(peft_module_path(path, owners), embedding)
         slots[key_a] = Slot("lora_A", path, "lora_A", a_shape)
         slots[key_b] = Slot("lora_B", path, "lora_B", b_shape)
         if config.use_dora:  # one magnitude per output row (PEFT's shape)
@@ -86,6 +88,8 @@ def plan(config: LoraConfig, modules: Modules, targets: Modules) -> dict[str, Sl
             slots[magnitude_key(path)] = Slot("magnitude", path, "magnitude", m_shape)
         if config.lora_bias and not embedding:  # B's bias (embeddings refuse it at inject)
             slots[lora_bias_key(path)] = Slot("lora_bias", path, "lora_bias", b_shape[:1])
+        if isinstance(module, nn.MultiheadAttention):
+            continue  # no `weight`; its in-projection is never saved
         # PEFT saves the base weight of an adapted embedding too (save_embedding_layers)
         weight = param_key(path, "weight", adapted=True)
         slots[weight] = Slot("tensor", path, "weight", tuple(module.weight.shape), optional=True)
@@ -114,6 +118,9 @@ def peft_targets(config: LoraConfig, modules: Modules, adapted: list[str]) -> st
     """`target_modules` for PEFT: the config's own when PEFT's matching of it picks exactly
     the adapted layers (among `modules`, the model's `base_modules`), else the explicit list
     of adapted paths (what PEFT writes itself for "all-linear")."""
+    adapted_set = set(adapted)
+    companions = out_proj_owners([(p, m) for p, m in modules if p in adapted_set])
+    adapted = [p for p in adapted if p not in companions]  # PEFT adapts them with their MHA
     targets = config.targets
     if targets != ALL_LINEAR and not config.exclude:
         matched = {n for n, _ in modules if n and name_matches(n, targets)}
