@@ -28,6 +28,7 @@ from .overview import (
 )
 from .routing import routing
 from .seed import build, lora_delta, output_size, wrap
+from .shared_input_links import fuse_shared_inputs, shared_input_groups
 from .tree import lora_layers
 
 __all__ = [
@@ -59,6 +60,7 @@ __all__ = [
     "delta_weight",
     "disabled",
     "from_pretrained",
+    "fuse_shared_inputs",
     "inject",
     "load_adapter",
     "lora_delta",
@@ -71,6 +73,7 @@ __all__ = [
     "routing",
     "save_adapter",
     "set_active",
+    "shared_input_groups",
     "summary",
     "trainable_parameters",
     "unload",

@@ -24,6 +24,7 @@ from .routing_hook import RoutingHook
 
 # The plain attributes `adapt` adds (besides the `lora` ModuleDict) and `restore` removes.
 _STATE = ("lora_active", "lora_merged", "lora_disabled", "lora_routing", "lora_original")
+_STATE += ("lora_fusion",)  # set by lorakit.shared_input_links
 
 
 class LoraLayer(nn.Module):
