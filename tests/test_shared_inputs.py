@@ -341,3 +341,15 @@ def test_groups_need_one_input_width():
     with pytest.raises(ConfigError, match=r"mixes input widths \[4, 5\]"):
         fuse_shared_inputs(model, [["q", "k"]])
     assert fuse_shared_inputs(model, [["a", "b"], ["q", "v"]]) == (("q", "v"), ("a", "b"))
+
+
+@pytest.mark.parametrize(
+    ("rows", "grad", "widths"), [(4, False, [3]), (64, False, []), (64, True, [3])]
+)
+def test_inference_that_folds_the_adapters_takes_no_product(monkeypatch, rows, grad, widths):
+    fused, plain = _attention_pair()
+    products = _Products(monkeypatch)
+    x = torch.randn(rows, 8)
+    with torch.set_grad_enabled(grad):
+        _close(fused(x), plain(x))  # many rows: W + s B A beats x A^T, which is not needed
+    assert [w for w in products.widths if w > 1] == widths

@@ -38,7 +38,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from .fused import autocast_dtype
+from .fused import _needs_graph, autocast_dtype, merge_pays
 from .layers.linear import LinearLoraMixin, _dropout_p
 from .layers.lora import LoRA
 from .shared_product import given_product_linear, stacked_products
@@ -141,10 +141,15 @@ def _call_can_share(x: Tensor) -> bool:
 
 
 def _adapter_can_share(layer: LinearLoraMixin, adapter: LoRA, x: Tensor) -> bool:
-    """A plain LoRA without dropout in effect, the base in x's dtype, A on x's device."""
+    """A plain LoRA without dropout in effect, the base in x's dtype, A on x's device, and
+    x A^T needed: in inference a layer that folds its adapter into W' never takes it."""
     if type(adapter) is not LoRA or _dropout_p(adapter) != 0.0:
         return False
-    return layer.weight.dtype == x.dtype and adapter.lora_A.device == x.device
+    weight = layer.weight
+    if weight.dtype != x.dtype or adapter.lora_A.device != x.device:
+        return False
+    tensors = (x, weight, layer.bias, adapter.lora_A, adapter.lora_B)
+    return _needs_graph(*tensors) or not merge_pays(x.numel() // x.shape[-1], weight, (0.0,))
 
 
 def _in_dtype(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
