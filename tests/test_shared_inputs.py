@@ -18,6 +18,7 @@ import lorakit.shared_inputs as shared_module
 from lorakit import LoraConfig, fuse_shared_inputs, inject, shared_input_groups
 from lorakit.errors import ConfigError, TargetNotFoundError
 from lorakit.train.grad_checkpoint import enable_gradient_checkpointing
+from lorakit.tree import lora_layers
 
 RTOL = 1e-5
 
@@ -197,11 +198,17 @@ def test_a_changed_input_is_not_taken_for_the_shared_one(monkeypatch):
 
 @pytest.mark.parametrize(
     "change",
-    ["dropout", "two adapters", "dora", "merged", "disabled", "autocast", "routing"],
+    ["dropout", "two adapters", "dora", "lora_bias", "merged", "disabled", "autocast", "routing"],
 )
 def test_layers_that_cannot_share_take_their_own_path(monkeypatch, change):
     targets = ("q", "v", "o") if change == "dora" else ("q", "k", "v", "o")
-    fused, plain = _attention_pair(targets, dropout=0.3 if change == "dropout" else 0.0)
+    config = {"lora_bias": True} if change == "lora_bias" else {}
+    fused, plain = _attention_pair(targets, dropout=0.3 if change == "dropout" else 0.0, **config)
+    if change == "lora_bias":  # nonzero biases, the same in both
+        for model in (fused, plain):
+            torch.manual_seed(7)
+            for _, layer in lora_layers(model):
+                torch.nn.init.normal_(layer.lora["default"].lora_bias)
     if change == "two adapters":
         for model in (fused, plain):
             inject(model, LoraConfig(rank=2, targets=("q", "k")), adapter_name="b")
