@@ -15,7 +15,7 @@ from .errors import ConfigError
 from .names import name_matches
 
 Bias = Literal["none", "all", "lora_only"]
-Init = Literal["kaiming", "gaussian", "zeros"]
+Init = Literal["kaiming", "gaussian", "zeros", "loftq"]
 ALL_LINEAR = "all-linear"
 
 # Dtypes adapters can be initialised and computed in (float8 kernels lack both).
@@ -157,13 +157,15 @@ class LoraConfig:
         modules_to_save: modules (names or suffixes) trained in full, e.g. a classifier head.
         init: "kaiming" (PEFT: A kaiming-uniform, B zero), "gaussian" (Edifice: A ~ N(0, 0.02),
             B zero) or "zeros" (both zero; for loading). Embeddings swap A and B (PEFT).
+            "loftq": A and B from the SVD of the base weight's NF4 quantization error, the
+            weight replaced by its NF4 round trip (Linear layers; see `lorakit.loftq`).
         dtype: adapter parameter dtype: float16, bfloat16, float32 (the default) or float64;
             None follows the base layer.
         use_dora: DoRA (PEFT's name): a trainable magnitude per output row rescales the
             normalised W + s * B A (see `lorakit.layers.dora`); every layer type lorakit adapts.
         lora_bias: a trainable bias on B (PEFT's name; saved as `lora_B.bias`): each adapted
             layer adds s * (B A x + b), and merging adds s * b to the base bias. Not with
-            DoRA, the "gaussian" init (PEFT refuses both) or on embeddings.
+            DoRA, the "gaussian" or "loftq" init (PEFT refuses them) or on embeddings.
 
     Raises:
         ConfigError: an option has an invalid value; the message names it.
@@ -236,15 +238,16 @@ class LoraConfig:
 
 
 def _check_lora_bias(config: LoraConfig) -> None:
-    """PEFT's rules for lora_bias: a bool, and neither with DoRA nor with the gaussian init."""
+    """PEFT's rules for lora_bias: a bool, and neither with DoRA nor with another init than
+    the default (kaiming; "zeros" is lorakit's for loading)."""
     if not isinstance(config.lora_bias, bool):
         raise ConfigError(f"lora_bias must be a bool, got {config.lora_bias!r}")
     if config.lora_bias and config.use_dora:
         raise ConfigError("lora_bias=True is not supported with use_dora=True (nor in PEFT)")
-    if config.lora_bias and config.init == "gaussian":
+    if config.lora_bias and config.init not in ("kaiming", "zeros"):
         raise ConfigError(
-            "lora_bias=True is not supported with init='gaussian' (PEFT allows it only with "
-            "its default init); use init='kaiming'"
+            f"lora_bias=True is not supported with init={config.init!r} (PEFT allows it only "
+            "with its default init); use init='kaiming'"
         )
 
 

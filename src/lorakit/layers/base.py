@@ -100,6 +100,10 @@ class LoraLayer(nn.Module):
         if name in self.lora:
             raise AdapterError(f"adapter {name!r} already exists on this layer")
         adapter = self._build_adapter(name, config)
+        if config.init == "loftq":  # fitted to this layer's weight: see lorakit.loftq
+            from ..loftq import init_from_base
+
+            init_from_base(self, adapter)
         adapter.train(self.training)  # a new module starts in training mode; follow the layer's
         self.lora[name] = adapter
         self.lora_active = (*self.lora_active, name)

@@ -79,7 +79,8 @@ class LoRA(nn.Module):
         check_rank(out_features, "output_size")
         self.rank = check_rank(rank)
         self.alpha = check_alpha(alpha)
-        self.init = check_choice(init, "init", ("kaiming", "gaussian", "zeros"))
+        # "loftq" starts as "kaiming"; the layer then fits it to its weight (lorakit.loftq)
+        self.init = check_choice(init, "init", ("kaiming", "gaussian", "zeros", "loftq"))
         self.use_rslora = use_rslora
         self.embedding = embedding
         self.scaling = scaling(self.rank, self.alpha, use_rslora)
