@@ -307,3 +307,30 @@ def test_quantized_lora_bias_matches_peft_and_merge_and_unload_keeps_it(
         assert merged[2].bias is not None  # the base had none: it holds s * b
         tolerance = 0.05 if kind == "int8" else 1e-4  # the quantized forward rounds
         torch.testing.assert_close(merged(x), want, rtol=tolerance, atol=tolerance)
+
+
+def test_merge_and_requantize_folds_the_lora_bias_into_the_base_bias() -> None:
+    import bitsandbytes as bnb
+    from qlora_models import IN, quantized_mlp
+
+    model = quantized_mlp("nf4")
+    lorakit.inject(model, lorakit.LoraConfig(rank=4, targets=("0", "2"), lora_bias=True))
+    _nudge(model)
+    adapters = {i: model[i].lora["default"] for i in (0, 2)}
+    bias0 = model[0].bias.detach().clone()
+    lorakit.merge_and_requantize(model)
+    assert isinstance(model[2], bnb.nn.Linear4bit) and not list(lorakit.lora_layers(model))
+    for i, before in ((0, bias0), (2, 0.0)):  # layer 2 had no bias: it gets s * b
+        want = before + adapters[i].lora_bias.detach() * adapters[i].scaling
+        torch.testing.assert_close(model[i].bias.float(), want, rtol=0, atol=1e-6)
+    assert model(torch.randn(2, IN)).isfinite().all()
+
+
+def test_merge_and_requantize_refuses_a_grouped_conv_before_any_write() -> None:
+    from qlora_models import quantized_mlp
+
+    model = nn.ModuleDict({"mlp": quantized_mlp("nf4"), "conv": nn.Conv2d(4, 4, 3, groups=2)})
+    lorakit.inject(model, lorakit.LoraConfig(rank=2, targets=("mlp.0", "conv")))
+    with pytest.raises(MergeError, match=r"layer 'conv': cannot merge .* groups=2"):
+        lorakit.merge_and_requantize(model)
+    assert model["mlp"][0].lora_active == ("default",)  # the quantized layer is untouched
