@@ -415,7 +415,7 @@ def test_unknown_config_keys_warn(saved: Path) -> None:
         ({"use_dora": True}, r"missing '.*lora_magnitude_vector' \(\d+,\)"),
         ({"peft_type": "IA3"}, r"peft_type is 'IA3'"),
         ({"layers_to_transform": [0]}, r"layers_to_transform=\[0\]"),
-        ({"init_lora_weights": "pissa"}, r"init_lora_weights='pissa' rewrites the base"),
+        ({"init_lora_weights": "corda"}, r"init_lora_weights='corda' rewrites the base"),
         ({"r": None}, r"'r' is missing"),
         ({"r": -1}, r"rank must be a positive integer, got -1"),
         ({"bias": "some"}, r"bias must be one of"),

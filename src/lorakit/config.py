@@ -15,7 +15,9 @@ from .errors import ConfigError
 from .names import name_matches
 
 Bias = Literal["none", "all", "lora_only"]
-Init = Literal["kaiming", "gaussian", "zeros", "loftq"]
+Init = Literal["kaiming", "gaussian", "zeros", "loftq", "pissa", "olora", "orthogonal", "mica"]
+# PiSSA by fast randomised SVD with K subspace iterations (PEFT's "pissa_niter_[K]"), also an init.
+PISSA_NITER = re.compile(r"pissa_niter_(\d+)")
 ALL_LINEAR = "all-linear"
 
 # Dtypes adapters can be initialised and computed in (float8 kernels lack both).
@@ -58,6 +60,18 @@ def check_choice(value: object, option: str, choices: Sequence[str]) -> str:
     """Return `value` if it is one of `choices`, else raise ConfigError listing them."""
     if value not in choices:
         raise ConfigError(f"{option} must be one of {list(choices)}, got {value!r}")
+    return value  # type: ignore[return-value]
+
+
+def check_init(value: object) -> str:
+    """Return `value` if it is an `Init` name or "pissa_niter_K" (K >= 0), else ConfigError."""
+    if isinstance(value, str) and PISSA_NITER.fullmatch(value):
+        return value
+    if value not in get_args(Init):
+        raise ConfigError(
+            f"init must be one of {list(get_args(Init))} or 'pissa_niter_K' (K an integer >= 0), "
+            f"got {value!r}"
+        )
     return value  # type: ignore[return-value]
 
 
@@ -159,6 +173,10 @@ class LoraConfig:
             B zero) or "zeros" (both zero; for loading). Embeddings swap A and B (PEFT).
             "loftq": A and B from the SVD of the base weight's NF4 quantization error, the
             weight replaced by its NF4 round trip (Linear layers; see `lorakit.loftq`).
+            From the base weight (PEFT's names, see `lorakit.layers.weight_init`): "pissa" and
+            "pissa_niter_K" (principal singular directions; K fast-SVD iterations), "olora"
+            (QR) - both move s * B A out of the base weight, which becomes the residual -,
+            "mica" (least singular directions, B frozen) and "orthogonal" (B A = 0, even rank).
         dtype: adapter parameter dtype: float16, bfloat16, float32 (the default) or float64;
             None follows the base layer.
         use_dora: DoRA (PEFT's name): a trainable magnitude per output row rescales the
@@ -216,7 +234,7 @@ class LoraConfig:
             raise ConfigError(f"use_dora must be a bool, got {self.use_dora!r}")
         _check_lora_bias(self)
         check_choice(self.bias, "bias", get_args(Bias))
-        check_choice(self.init, "init", get_args(Init))
+        check_init(self.init)
         set_(self, "dtype", _as_dtype(self.dtype))
 
     def for_module(self, module_name: str) -> LoraConfig:

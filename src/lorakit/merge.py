@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import partial
 
 import torch
 from torch import nn
@@ -69,12 +70,13 @@ def _check_adapters(model: nn.Module) -> list[tuple[str, LoraLayer]]:
 def _check_refusals(layers: list[tuple[str, LoraLayer]], requantized: bool = False) -> None:
     """Refuse before any write when a layer cannot take its active adapters: quantized (unless
     `requantized`: those are rounded back into codes), a grouped conv, a lora_bias without a
-    base bias (see each layer's `merge_refusal`)."""
+    base bias (see each layer's `merge_refusal`; `LoraLayer`'s for requantized layers)."""
     for name, layer in layers:
+        refuse = layer.merge_refusal
         if requantized and getattr(layer, "is_quantized", False):
-            continue
+            refuse = partial(LoraLayer.merge_refusal, layer)  # codes are fine; a lora_bias
         todo = [n for n in layer.lora_active if n not in layer.lora_merged]
-        refusals = [r for r in map(layer.merge_refusal, todo) if r is not None]
+        refusals = [r for r in map(refuse, todo) if r is not None]
         if refusals:
             raise MergeError(f"layer {name!r}: {refusals[0]}; nothing was merged")
 

@@ -60,6 +60,19 @@ UNSUPPORTED = (
 )
 # Inits that rewrite the base weights: the saved tensors only fit that rewritten base.
 _BASE_CHANGING_INIT = re.compile(r"pissa.*|olora|corda|loftq|lora[-_]ga")
+# Inits lorakit replays at load as PEFT does (PiSSA / OLoRA rewrite the base to the residual
+# again; MiCA keeps B frozen); the file's tensors then overwrite A and B.
+_REPLAYED_PISSA = re.compile(r"pissa(_niter_\d+)?")
+
+
+def _replayed_init(init: object) -> str | None:
+    """The lorakit init a file's `init_lora_weights` is loaded with when it must be replayed
+    (PEFT's test: "pissa..." as written, "olora" / "mica" in any case), else None."""
+    if not isinstance(init, str):
+        return None
+    if init.lower() in ("olora", "mica"):
+        return init.lower()
+    return init if _REPLAYED_PISSA.fullmatch(init) else None
 
 
 def to_peft(
@@ -86,7 +99,7 @@ def to_peft(
         "alpha_pattern": {k: _number(v) for k, v in config.alpha_pattern.items()},
         "modules_to_save": list(config.modules_to_save) or None,
         "fan_in_fan_out": fan_in_fan_out,
-        "init_lora_weights": "gaussian" if config.init == "gaussian" else True,
+        "init_lora_weights": True if config.init in ("kaiming", "zeros") else config.init,
         "inference_mode": True,
         "base_model_name_or_path": base_model_name_or_path,
         "task_type": None,
@@ -122,7 +135,8 @@ def from_peft(raw: Mapping[str, object], source: str) -> LoraConfig:
                 f"{source}: {key}={raw[key]!r} is a PEFT feature lorakit does not support"
             )
     init = raw.get("init_lora_weights", True)
-    if isinstance(init, str) and _BASE_CHANGING_INIT.fullmatch(init):
+    replayed = _replayed_init(init)
+    if replayed is None and isinstance(init, str) and _BASE_CHANGING_INIT.fullmatch(init):
         raise CheckpointError(
             f"{source}: init_lora_weights={init!r} rewrites the base weights; convert the "
             "adapter to plain LoRA with PEFT first"
@@ -148,7 +162,7 @@ def from_peft(raw: Mapping[str, object], source: str) -> LoraConfig:
             lora_bias=bool(raw.get("lora_bias", False)),
             bias=raw.get("bias", "none"),
             modules_to_save=tuple(dict.fromkeys(saved)),
-            init="zeros",  # the file's tensors overwrite both factors
+            init=replayed or "zeros",  # the file's tensors overwrite both factors
         )
     except (ValueError, TypeError) as err:
         raise CheckpointError(f"{source}: {err}") from None

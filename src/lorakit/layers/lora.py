@@ -7,7 +7,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from ..config import Init, check_alpha, check_choice, check_dropout, check_rank, scaling
+from ..config import Init, check_alpha, check_dropout, check_init, check_rank, scaling
 from ..errors import ConfigError
 from ..functional import delta_weight, linear_delta
 
@@ -79,8 +79,7 @@ class LoRA(nn.Module):
         check_rank(out_features, "output_size")
         self.rank = check_rank(rank)
         self.alpha = check_alpha(alpha)
-        # "loftq" starts as "kaiming"; the layer then fits it to its weight (lorakit.loftq)
-        self.init = check_choice(init, "init", ("kaiming", "gaussian", "zeros", "loftq"))
+        self.init = check_init(init)
         self.use_rslora = use_rslora
         self.embedding = embedding
         self.scaling = scaling(self.rank, self.alpha, use_rslora)
@@ -94,6 +93,9 @@ class LoRA(nn.Module):
         self.groups = check_groups(rank, groups)
         self.lora_B = nn.Parameter(torch.empty(out_features, rank // groups, *ones, **factory))
         self.lora_bias = nn.Parameter(torch.empty(out_features, **factory)) if lora_bias else None
+        # A0 and B0 of an init that moved s B0 A0 out of the base (see layers.weight_init)
+        self.register_buffer("initial_A", None, persistent=False)
+        self.register_buffer("initial_B", None, persistent=False)
         self.reset_parameters()
 
     @property
@@ -109,13 +111,32 @@ class LoRA(nn.Module):
     def out_features(self) -> int:
         return self.lora_B.shape[0]
 
+    @property
+    def frozen_B(self) -> bool:
+        """MiCA trains A only: B keeps the base's least singular directions (PEFT's rule)."""
+        return self.init == "mica"
+
+    def requires_grad_(self, requires_grad: bool = True) -> LoRA:
+        """nn.Module's, except that a frozen B (`frozen_B`) never trains."""
+        super().requires_grad_(requires_grad)
+        if self.frozen_B:
+            self.lora_B.requires_grad_(False)
+        return self
+
     def reset_parameters(self) -> None:
-        """Re-initialise: one factor random, the other zero, so delta(x) = 0."""
+        """Re-initialise: one factor random, the other zero, so delta(x) = 0. Inits that read
+        the base weight start at zero here; the layer fills them (`layers.weight_init`)."""
+        if self.init == "orthogonal" or self.init.startswith("pissa_niter_"):
+            self._draw_as_peft_builds()  # so a seeded model gets PEFT's random numbers
+        if self.init == "orthogonal":
+            return self._orthogonal()
         random, zero = (self.lora_B, self.lora_A) if self.embedding else (self.lora_A, self.lora_B)
         nn.init.zeros_(zero)
         if self.lora_bias is not None:
             nn.init.zeros_(self.lora_bias)
-        if self.init == "zeros":
+        # "zeros" and the weight-reading inits start at zero; "loftq" starts as "kaiming" and
+        # the layer then fits it to its weight (lorakit.loftq)
+        if self.init not in ("kaiming", "gaussian", "loftq"):
             nn.init.zeros_(random)
         elif self.init == "gaussian":
             nn.init.normal_(random, std=0.02)  # Edifice's init
@@ -123,6 +144,25 @@ class LoRA(nn.Module):
             nn.init.normal_(random)  # PEFT's embedding init
         else:
             nn.init.kaiming_uniform_(random, a=math.sqrt(5))  # PEFT's (and nn.Linear's) init
+
+    def _draw_as_peft_builds(self) -> None:
+        """Draw from the global generator what PEFT's `nn.Linear(in, r)` and `nn.Linear(r, out)`
+        draw when it builds A and B (kaiming-uniform, float32, CPU) before a random init."""
+        torch.empty(self.rank, self.in_features).uniform_()
+        torch.empty(self.out_features, self.rank).uniform_()
+
+    def _orthogonal(self) -> None:
+        """PEFT's "orthogonal" init, draw for draw from the global generator: the odd and even
+        rows of a random orthogonal r x r matrix Q span A and B, so B A = 0 (up to rounding)."""
+        r = self.rank
+        if r % 2:
+            raise ConfigError(f"init='orthogonal' needs an even rank, got rank={r}")
+        Q = torch.linalg.qr(torch.randn(r, r))[0]
+        A = torch.randn(self.in_features, r // 2).mm(Q[0::2, :]).T / 10.0
+        B = torch.randn(r // 2, self.out_features).T.mm(Q[1::2, :]) / 10.0
+        with torch.no_grad():
+            self.lora_A.copy_(A)
+            self.lora_B.copy_(B)
 
     def forward(self, x: Tensor) -> Tensor:
         """s * B(A(drop(x))): (..., in_features) -> (..., out_features)."""
