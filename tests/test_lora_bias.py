@@ -307,3 +307,39 @@ def test_quantized_lora_bias_matches_peft_and_merge_and_unload_keeps_it(
         assert merged[2].bias is not None  # the base had none: it holds s * b
         tolerance = 0.05 if kind == "int8" else 1e-4  # the quantized forward rounds
         torch.testing.assert_close(merged(x), want, rtol=tolerance, atol=tolerance)
+
+
+def test_merge_and_requantize_folds_the_lora_bias_into_the_base_bias() -> None:
+    import bitsandbytes as bnb
+    from qlora_models import IN, quantized_mlp
+
+    model = quantized_mlp("nf4")
+    lorakit.inject(model, lorakit.LoraConfig(rank=4, targets=("0",), lora_bias=True))
+    _nudge(model)
+    adapter = model[0].lora["default"]
+    want = model[0].bias.detach() + adapter.lora_bias.detach() * adapter.scaling
+    lorakit.merge_and_requantize(model)
+    assert isinstance(model[0], bnb.nn.Linear4bit) and not list(lorakit.lora_layers(model))
+    torch.testing.assert_close(model[0].bias.float(), want, rtol=0, atol=1e-6)
+    assert model(torch.randn(2, IN)).isfinite().all()
+
+
+@pytest.mark.parametrize(
+    ("extra", "targets", "match"),
+    [
+        ({"conv": nn.Conv2d(4, 4, 3, groups=2)}, ("mlp.0", "conv"),
+         r"layer 'conv': cannot merge .* groups=2"),
+        ({}, ("mlp.0", "mlp.2"), r"layer 'mlp.2': .* has lora_bias=True and the base layer has "
+         r"no bias"),
+    ],
+    ids=["grouped-conv", "lora-bias-without-bias"],
+)  # fmt: skip
+def test_merge_and_requantize_refuses_before_any_write(extra, targets, match) -> None:
+    from qlora_models import quantized_mlp
+
+    model = nn.ModuleDict({"mlp": quantized_mlp("nf4"), **extra})
+    config = lorakit.LoraConfig(rank=2, targets=targets, lora_bias=not extra)
+    lorakit.inject(model, config)
+    with pytest.raises(MergeError, match=match):
+        lorakit.merge_and_requantize(model)
+    assert model["mlp"][0].lora_active == ("default",)  # the first layer is untouched

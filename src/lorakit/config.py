@@ -183,7 +183,7 @@ class LoraConfig:
             normalised W + s * B A (see `lorakit.layers.dora`); every layer type lorakit adapts.
         lora_bias: a trainable bias on B (PEFT's name; saved as `lora_B.bias`): each adapted
             layer adds s * (B A x + b), and merging adds s * b to the base bias. Not with
-            DoRA, the "gaussian" init (PEFT refuses both) or on embeddings.
+            DoRA, the "gaussian" or "loftq" init (PEFT refuses them) or on embeddings.
 
     Raises:
         ConfigError: an option has an invalid value; the message names it.
@@ -256,15 +256,16 @@ class LoraConfig:
 
 
 def _check_lora_bias(config: LoraConfig) -> None:
-    """PEFT's rules for lora_bias: a bool, and neither with DoRA nor with the gaussian init."""
+    """PEFT's rules for lora_bias: a bool, and neither with DoRA nor with another init than
+    the default (kaiming; "zeros" is lorakit's for loading)."""
     if not isinstance(config.lora_bias, bool):
         raise ConfigError(f"lora_bias must be a bool, got {config.lora_bias!r}")
     if config.lora_bias and config.use_dora:
         raise ConfigError("lora_bias=True is not supported with use_dora=True (nor in PEFT)")
-    if config.lora_bias and config.init == "gaussian":
+    if config.lora_bias and config.init not in ("kaiming", "zeros"):
         raise ConfigError(
-            "lora_bias=True is not supported with init='gaussian' (PEFT allows it only with "
-            "its default init); use init='kaiming'"
+            f"lora_bias=True is not supported with init={config.init!r} (PEFT allows it only "
+            "with its default init); use init='kaiming'"
         )
 
 

@@ -13,6 +13,7 @@ from .layers import LoraLayer, lora_class
 from .layers.mha import out_proj_owners
 from .layers.weight_init import check_init, check_untied, reads_weight, undo_weight_init
 from .overview import InjectionReport, trainable_parameters
+from .shared_input_links import link_siblings
 from .targets import find_targets, saved_paths
 from .tree import base_modules, lora_layers
 
@@ -58,6 +59,7 @@ def inject_found(
         for _, layer in lora_layers(model):
             layer.lora_active = (adapter_name,) if adapter_name in layer.lora else ()
         saved = freeze_base(model)
+        link_siblings(model)  # layers reading one input share their products
     except BaseException:
         undo.apply(adapter_name)
         raise

@@ -28,6 +28,7 @@ from .weight_init import apply_weight_init, check_init
 _STATE = (
     "lora_active", "lora_merged", "lora_disabled", "lora_routing", "lora_original",
     "lora_original_bias",
+    "lora_fusion",  # set by lorakit.shared_input_links
 )  # fmt: skip
 
 

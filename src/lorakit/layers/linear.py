@@ -28,6 +28,8 @@ class LinearLoraMixin(LoraLayer):
     path as the last active adapter, without dropout in training and with nothing merged: the
     fused op without bias, then f * y + b (`layers.dora.dora_rescaled`). Adapters with
     `lora_bias` add s * b to the one bias the fused op takes (with DoRA: the plain path).
+    Layers that read one input (q, k, v) take their input products x A^T together when they
+    can (`lorakit.shared_inputs`), each still one autograd node for the rest.
     """
 
     # The base class whose forward the fused op reproduces, and the layout of `weight`.
@@ -47,6 +49,10 @@ class LinearLoraMixin(LoraLayer):
         adapters = self._fused_adapters(x)
         if not adapters:
             return super().forward(x)
+        if len(adapters) == 1 and not torch.compiler.is_compiling():
+            y = self._shared_input_forward(x, adapters[0])
+            if y is not None:
+                return y
         dora = adapters[-1] if type(adapters[-1]) is DoRA else None
         y = fused_lora_linear(
             x,
@@ -59,6 +65,12 @@ class LinearLoraMixin(LoraLayer):
             transposed=self.weight_transposed,
         )
         return y if dora is None else dora_rescaled(self, dora, y)
+
+    def _shared_input_forward(self, x: Tensor, adapter: LoRA) -> Tensor | None:
+        """The output through the product shared with layers reading the same x, or None
+        (see `lorakit.shared_inputs`; `lora_fusion` is set by `lorakit.shared_input_links`)."""
+        group = self.__dict__.get("lora_fusion")
+        return group.forward(self, x, adapter) if group else None
 
     def _fused_adapters(self, x: Tensor) -> list[LoRA]:
         """Adapters the fused path adds, or [] when the plain path must run instead."""
