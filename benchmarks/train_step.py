@@ -8,8 +8,10 @@ Llama-style transformers model, hidden 512, 4 layers, MLP 1376, 8 heads, vocab 4
 8 x 256 tokens, fp32, rank 8 (alpha 16) on q, k, v, o, gate, up, down.
 
 Variants: floor = frozen model, forward + backward to the embedding output (input gradients
-only, no weight gradient anywhere); lorakit; PEFT (`peft.get_peft_model`, same config); full
-finetuning. A train step is forward + loss + backward (no optimizer step, for every variant).
+only, no weight gradient anywhere); lorakit; lorakit unfused (shared-input fusion off:
+`lorakit.fuse_shared_inputs(model, None)`, each of q, k, v, gate, up takes its own x A^T);
+PEFT (`peft.get_peft_model`, same config); full finetuning. A train step is forward + loss +
+backward (no optimizer step, for every variant).
 """
 
 from __future__ import annotations
@@ -61,6 +63,7 @@ def train_section(w: Workload, reps: int, clock: str) -> dict[str, list[float]]:
         "floor": make_variant("floor", base, w),
         "full": make_variant("full", base, w),
         "lorakit": make_variant("lorakit", base, w),
+        "lorakit unfused": _unfused(make_variant("lorakit", base, w)),
         "peft": make_variant("peft", base, w),
         "lorakit dropout 0.1": make_variant("lorakit", base, dropped),
         "peft dropout 0.1": make_variant("peft", base, dropped),
@@ -69,6 +72,12 @@ def train_section(w: Workload, reps: int, clock: str) -> dict[str, list[float]]:
         m.train()
     fns = {n: _train_fn(m, ids, n == "floor") for n, m in models.items()}
     return interleaved(fns, reps, clock=clock)
+
+
+def _unfused(model):
+    """`model` with shared-input fusion off: every adapted layer takes its own x A^T."""
+    lorakit.fuse_shared_inputs(model, None)
+    return model
 
 
 def _train_fn(model, ids, floor):
@@ -97,7 +106,9 @@ def infer_section(w: Workload, reps: int, clock: str) -> dict[str, list[float]]:
     """base, lorakit unmerged / merged / mixed batch, PEFT unmerged: no_grad forward, eval mode."""
     base = build_base(w)
     ids = input_ids(w)
-    fns = {n: _infer_fn(m, ids) for n, m in inference_variants(base, w).items()}
+    variants = inference_variants(base, w)
+    variants["lorakit unmerged, unfused"] = _unfused(randomise_b(make_variant("lorakit", base, w)))
+    fns = {n: _infer_fn(m.eval(), ids) for n, m in variants.items()}
     # Mixed batch: 4 adapters, each row its own (2 rows each), one forward (lorakit.routing).
     mixed = make_variant("lorakit", base, w)
     names = ("default", "b", "c", "d")
@@ -117,6 +128,7 @@ def sweep_section(workloads: list[Workload], reps: int, clock: str) -> list[dict
         base = build_base(w)
         ids = input_ids(w)
         models = {n: make_variant(n, base, w) for n in ("floor", "lorakit", "peft")}
+        models["lorakit unfused"] = _unfused(make_variant("lorakit", base, w))
         fns = {n: _train_fn(m, ids, n == "floor") for n, m in models.items()}
         raw = interleaved(fns, reps, clock=clock)
         times = {n: median(t) for n, t in raw.items()}
@@ -220,7 +232,13 @@ def train_tables(w: Workload, reps: int, clock: str) -> dict:
             f"{q1:.3f}-{q3:.3f}",
             f"{paired_ratio(train_raw, name, ref):.3f}",
         ))  # fmt: skip
-    print(table(rows), "\n")
+    print(table(rows))
+    q1, q3 = ratio_quartiles(train_raw, "lorakit", "lorakit unfused")
+    print(
+        "shared-input fusion: lorakit / lorakit unfused "
+        f"{paired_ratio(train_raw, 'lorakit', 'lorakit unfused'):.3f} "
+        f"(quartiles {q1:.3f}-{q3:.3f})\n"
+    )
     return {"train_seconds": train, "train_raw_seconds": train_raw}
 
 
@@ -277,10 +295,11 @@ def sweep_tables(w: Workload, reps: int, clock: str, quick: bool) -> dict:
         for h, i, nh, nl, b, t in hiddens
     ]
     sweeps = sweep_section(workloads, reps, clock)
-    rows = [("sweep", "lorakit / floor", "PEFT / floor", "lorakit / PEFT")]
+    rows = [("sweep", "lorakit / floor", "unfused / floor", "PEFT / floor", "lorakit / PEFT")]
     for s in sweeps:
         wl, raw = Workload(**s["workload"]), s["raw_seconds"]
-        pairs = (("lorakit", "floor"), ("peft", "floor"), ("lorakit", "peft"))
+        pairs = (("lorakit", "floor"), ("lorakit unfused", "floor"), ("peft", "floor"),
+                 ("lorakit", "peft"))  # fmt: skip
         rows.append((wl.label(), *(f"{paired_ratio(raw, a, b):.3f}" for a, b in pairs)))
     print(table(rows), "\n")
     return {"sweeps": sweeps}

@@ -131,7 +131,7 @@ BAD = [
     ("dropout", 1.0, r"dropout must be a number in \[0, 1\), got 1\.0"),
     ("dropout", "0.1", r"dropout must be a number in \[0, 1\), got '0\.1'"),
     ("bias", "some", r"bias must be one of \['none', 'all', 'lora_only'\], got 'some'"),
-    ("init", "xavier", r"init must be one of \['kaiming', 'gaussian', 'zeros'.*\], got 'xavier'"),
+    ("init", "xavier", r"init must be one of \['kaiming', .*\] or 'pissa_niter_K'.*, got 'xavier'"),
     ("init", True, r"init must be one of .*, got True"),
     ("dtype", "float33", r"dtype must be a floating torch dtype or its name, got 'float33'"),
     ("dtype", "int32", r"dtype must be a floating torch dtype or its name, got 'int32'"),

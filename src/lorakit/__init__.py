@@ -29,6 +29,7 @@ from .overview import (
 )
 from .routing import routing
 from .seed import build, lora_delta, output_size, wrap
+from .shared_input_links import fuse_shared_inputs, shared_input_groups
 from .tree import lora_layers
 
 __all__ = [
@@ -60,6 +61,7 @@ __all__ = [
     "delta_weight",
     "disabled",
     "from_pretrained",
+    "fuse_shared_inputs",
     "inject",
     "load_adapter",
     "loftq_init",
@@ -74,6 +76,7 @@ __all__ = [
     "routing",
     "save_adapter",
     "set_active",
+    "shared_input_groups",
     "summary",
     "trainable_parameters",
     "unload",

@@ -10,7 +10,10 @@ from .adapter_registry import adapter_configs, check_adapter_name, next_order, r
 from .config import LoraConfig
 from .errors import AdapterError, LorakitError
 from .layers import LoraLayer, lora_class
+from .layers.mha import out_proj_owners
+from .layers.weight_init import check_init, check_untied, reads_weight, undo_weight_init
 from .overview import InjectionReport, trainable_parameters
+from .shared_input_links import link_siblings
 from .targets import find_targets, saved_paths
 from .tree import base_modules, lora_layers
 
@@ -48,12 +51,15 @@ def inject_found(
     found them already (`load_adapter` checks them before the model changes) and checked
     `adapter_name`."""
     order = next_order(model)
+    if reads_weight(config.init) or config.init == "orthogonal":
+        _check_inits(model, targets, config)  # PiSSA / OLoRA rewrite base weights: check all
     undo = _Undo.take(model, targets)
     try:
         _add_adapters(targets, config, adapter_name, order)
         for _, layer in lora_layers(model):
             layer.lora_active = (adapter_name,) if adapter_name in layer.lora else ()
         saved = freeze_base(model)
+        link_siblings(model)  # layers reading one input share their products
     except BaseException:
         undo.apply(adapter_name)
         raise
@@ -61,15 +67,29 @@ def inject_found(
     return InjectionReport(adapter_name, tuple(n for n, _ in targets), saved, trainable, total)
 
 
+def _check_inits(
+    model: nn.Module, targets: list[tuple[str, nn.Module]], config: LoraConfig
+) -> None:
+    """Refuse an init that does not fit some target before any base weight is rewritten."""
+    for name, module in targets:
+        try:
+            check_init(lora_class(module), module, config.for_module(name))
+        except LorakitError as err:
+            raise type(err)(f"module {name!r}: {err}; the model is left as it was") from err
+    check_untied(model, targets, config.init)
+
+
 def _add_adapters(
     targets: list[tuple[str, nn.Module]], config: LoraConfig, adapter_name: str, order: int
 ) -> None:
     """Adapt each target and add the adapter, marked with `config` and `order` (see
     `adapter_registry`); an error names the adapter and the module."""
+    owners = out_proj_owners(targets)  # an MHA's out_proj takes the MHA's rank and alpha
     for name, module in targets:
         try:
             layer = module if isinstance(module, LoraLayer) else lora_class(module).adapt(module)
-            register(layer.add_adapter(adapter_name, config.for_module(name)), order, config)
+            module_config = config.for_module(owners.get(name, name))
+            register(layer.add_adapter(adapter_name, module_config), order, config)
         except LorakitError as err:  # names the adapter and the value already
             raise type(err)(f"module {name!r}: {err}; the model is left as it was") from err
         except Exception as err:
@@ -102,6 +122,7 @@ class _Undo:
         """Remove `adapter_name` wherever it went, restore classes, active sets and flags."""
         for module in self.targets:
             if isinstance(module, LoraLayer) and adapter_name in module.lora:
+                undo_weight_init(module, module.lora[adapter_name])  # PiSSA's residual back
                 del module.lora[adapter_name]
         for module in self.fresh:
             if isinstance(module, LoraLayer):

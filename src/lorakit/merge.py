@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import partial
 
 import torch
 from torch import nn
@@ -37,15 +38,13 @@ def merge(model: nn.Module, keep_original: bool = True) -> nn.Module:
         MergeError: an adapter holds NaN or inf (checked on every layer before any write), an
             adapted weight is tied to another module, which merging would change too, or an
             adapted layer is quantized (bitsandbytes 4-bit / 8-bit: rounding the merged
-            weight back to its codes would lose the adapter; `merge_and_unload` dequantizes).
+            weight back to its codes would lose the adapter; `merge_and_unload` dequantizes),
+            a conv with groups > 1, or an adapter with lora_bias on a layer without a bias.
         AdapterError: called inside `disabled(model)`.
     """
     layers = _check_adapters(model)
     _check_untied(model)
-    for name, layer in layers:
-        todo = [n for n in layer.lora_active if n not in layer.lora_merged]
-        if getattr(layer, "is_quantized", False) and todo:
-            raise MergeError(f"layer {name!r}: {layer.merge_refusal(todo[0])}; nothing was merged")
+    _check_refusals(layers)
     for _, layer in layers:
         layer.merge(keep_original=keep_original)
     return model
@@ -66,6 +65,20 @@ def _check_adapters(model: nn.Module) -> list[tuple[str, LoraLayer]]:
                         "nothing was merged"
                     )
     return layers
+
+
+def _check_refusals(layers: list[tuple[str, LoraLayer]], requantized: bool = False) -> None:
+    """Refuse before any write when a layer cannot take its active adapters: quantized (unless
+    `requantized`: those are rounded back into codes), a grouped conv, a lora_bias without a
+    base bias (see each layer's `merge_refusal`; `LoraLayer`'s for requantized layers)."""
+    for name, layer in layers:
+        refuse = layer.merge_refusal
+        if requantized and getattr(layer, "is_quantized", False):
+            refuse = partial(LoraLayer.merge_refusal, layer)  # codes are fine; a lora_bias
+        todo = [n for n in layer.lora_active if n not in layer.lora_merged]
+        refusals = [r for r in map(refuse, todo) if r is not None]
+        if refusals:
+            raise MergeError(f"layer {name!r}: {refusals[0]}; nothing was merged")
 
 
 def _check_untied(model: nn.Module) -> None:
@@ -133,9 +146,10 @@ def merge_and_requantize(model: nn.Module) -> dict[str, float]:
     `tests/test_qlora_requantize.py`); `merge_and_unload` (full precision) keeps it all.
 
     Raises:
-        MergeError: as `merge` (non-finite adapter, tied weight).
+        MergeError: as `merge` (non-finite adapter, tied weight, a grouped conv, a lora_bias
+            without a base bias), before anything changes.
     """
-    _check_adapters(model)
+    _check_refusals(_check_adapters(model), requantized=True)
     _check_untied(model)
     quantized = [(n, m) for n, m in lora_layers(model) if getattr(m, "is_quantized", False)]
     errors = {name: layer.requantize_merged() for name, layer in quantized}

@@ -5,6 +5,9 @@ Keys (the adapter name never appears; `base_model.model.` is optional when readi
     <path>.lora_A.weight (r, in, *k)      <path>.lora_B.weight (out, r, *1)   Linear, Conv1D, ConvNd
     <path>.lora_embedding_A (r, vocab)    <path>.lora_embedding_B (dim, r)     Embedding
     <path>.lora_magnitude_vector (out,)   DoRA's magnitude (use_dora), any layer type
+    <path>.lora_B.bias (out,)             B's bias (lora_bias), Linear, Conv1D, ConvNd
+
+On a conv with groups g > 1 `lora_B.weight` is (out, r / g, *1) (PEFT's grouped B).
     <path>.base_layer.bias                bias of an adapted layer (bias "lora_only" / "all")
     <path>.<param>                        other biases ("all"), modules_to_save tensors
 
@@ -39,7 +42,6 @@ PEFT_KEYS = frozenset(
 )
 # PEFT features whose tensors or forward lorakit does not reproduce: refused when switched on.
 UNSUPPORTED = (
-    "lora_bias",
     "layers_to_transform",
     "layer_replication",
     "target_parameters",
@@ -58,6 +60,19 @@ UNSUPPORTED = (
 )
 # Inits that rewrite the base weights: the saved tensors only fit that rewritten base.
 _BASE_CHANGING_INIT = re.compile(r"pissa.*|olora|corda|loftq|lora[-_]ga")
+# Inits lorakit replays at load as PEFT does (PiSSA / OLoRA rewrite the base to the residual
+# again; MiCA keeps B frozen); the file's tensors then overwrite A and B.
+_REPLAYED_PISSA = re.compile(r"pissa(_niter_\d+)?")
+
+
+def _replayed_init(init: object) -> str | None:
+    """The lorakit init a file's `init_lora_weights` is loaded with when it must be replayed
+    (PEFT's test: "pissa..." as written, "olora" / "mica" in any case), else None."""
+    if not isinstance(init, str):
+        return None
+    if init.lower() in ("olora", "mica"):
+        return init.lower()
+    return init if _REPLAYED_PISSA.fullmatch(init) else None
 
 
 def to_peft(
@@ -79,11 +94,12 @@ def to_peft(
         "bias": config.bias,
         "use_rslora": config.use_rslora,
         "use_dora": config.use_dora,
+        "lora_bias": config.lora_bias,
         "rank_pattern": dict(config.rank_pattern),
         "alpha_pattern": {k: _number(v) for k, v in config.alpha_pattern.items()},
         "modules_to_save": list(config.modules_to_save) or None,
         "fan_in_fan_out": fan_in_fan_out,
-        "init_lora_weights": "gaussian" if config.init == "gaussian" else True,
+        "init_lora_weights": True if config.init in ("kaiming", "zeros") else config.init,
         "inference_mode": True,
         "base_model_name_or_path": base_model_name_or_path,
         "task_type": None,
@@ -119,7 +135,8 @@ def from_peft(raw: Mapping[str, object], source: str) -> LoraConfig:
                 f"{source}: {key}={raw[key]!r} is a PEFT feature lorakit does not support"
             )
     init = raw.get("init_lora_weights", True)
-    if isinstance(init, str) and _BASE_CHANGING_INIT.fullmatch(init):
+    replayed = _replayed_init(init)
+    if replayed is None and isinstance(init, str) and _BASE_CHANGING_INIT.fullmatch(init):
         raise CheckpointError(
             f"{source}: init_lora_weights={init!r} rewrites the base weights; convert the "
             "adapter to plain LoRA with PEFT first"
@@ -142,9 +159,10 @@ def from_peft(raw: Mapping[str, object], source: str) -> LoraConfig:
             alpha_pattern=raw.get("alpha_pattern") or {},
             use_rslora=bool(raw.get("use_rslora", False)),
             use_dora=bool(raw.get("use_dora", False)),
+            lora_bias=bool(raw.get("lora_bias", False)),
             bias=raw.get("bias", "none"),
             modules_to_save=tuple(dict.fromkeys(saved)),
-            init="zeros",  # the file's tensors overwrite both factors
+            init=replayed or "zeros",  # the file's tensors overwrite both factors
         )
     except (ValueError, TypeError) as err:
         raise CheckpointError(f"{source}: {err}") from None
@@ -161,6 +179,11 @@ def lora_keys(path: str, embedding: bool) -> tuple[str, str]:
     if embedding:
         return f"{PREFIX}{path}.lora_embedding_A", f"{PREFIX}{path}.lora_embedding_B"
     return f"{PREFIX}{path}.lora_A.weight", f"{PREFIX}{path}.lora_B.weight"
+
+
+def lora_bias_key(path: str) -> str:
+    """PEFT's key of B's bias (`lora_bias`) for the layer at `path`."""
+    return f"{PREFIX}{path}.lora_B.bias"
 
 
 def magnitude_key(path: str) -> str:

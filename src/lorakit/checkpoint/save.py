@@ -23,6 +23,7 @@ from .atomic import atomic_write
 from .base_model import BaseModelInfo, describe_base, id2label_metadata
 from .files import DEFAULT, adapter_folder, canonical
 from .io import CONFIG_NAME, WEIGHTS_NAME, folder_lock, safetensors_bytes
+from .original_base import original_base_config, original_base_factor
 from .peft_format import to_peft
 from .plan import Modules, Slot, base_shapes, peft_targets, plan
 from .validate import META_CONFIG, META_FINGERPRINT, META_SHAPES, META_VERSION, fingerprint
@@ -34,6 +35,7 @@ def save_adapter(
     adapter_name: str = DEFAULT,
     *,
     base_model: str | PathLike | None = None,
+    for_original_base: bool = False,
 ) -> Path:
     """Write adapter `adapter_name` of `model` in PEFT's format; returns the adapter's folder.
 
@@ -46,19 +48,30 @@ def save_adapter(
     the previous adapter (or the new one) loadable, never a mix. Saves (and lorakit's reads)
     of one folder hold a lock on it, so two processes saving at once leave one whole adapter.
 
+    A PiSSA / OLoRA adapter (whose init moved s B0 A0 out of the base) is saved as it is,
+    with its init in the config: lorakit and PEFT replay the init when they load it onto the
+    original base. With `for_original_base=True` it is saved instead as a plain LoRA of rank
+    2r, [A; A0] and [B, -B0], for the original base (PEFT's
+    `path_initial_model_for_weight_conversion`; see `checkpoint.original_base`).
+
     Raises:
-        AdapterError: `adapter_name` is not a plain identifier or not on the model.
+        AdapterError: `adapter_name` is not a plain identifier or not on the model, or
+            `for_original_base` for an adapter whose init left the base as it was.
     """
     check_adapter_name(adapter_name)
     configs = adapter_configs(model)
     if adapter_name not in configs:
         raise AdapterError(f"unknown adapter {adapter_name!r}; the model has {list(configs)}")
     config = configs[adapter_name]
+    if for_original_base:
+        config = original_base_config(config, adapter_name)
     modules = list(base_modules(model))  # the one walk: targets, plan and PEFT's targets
     targets = [(p, m) for p, m in modules if isinstance(m, LoraLayer) and adapter_name in m.lora]
     slots = plan(config, modules, targets)
     tensors = {
-        key: _tensor(model, slot, adapter_name) for key, slot in slots.items() if not slot.optional
+        key: _tensor(model, slot, adapter_name, for_original_base)
+        for key, slot in slots.items()
+        if not slot.optional
     }
     base = describe_base(model, base_model, config.modules_to_save)
     peft_config = _peft_config(config, modules, targets, base)
@@ -75,11 +88,15 @@ def save_adapter(
     return folder
 
 
-def _tensor(model: nn.Module, slot: Slot, adapter_name: str) -> Tensor:
+def _tensor(model: nn.Module, slot: Slot, adapter_name: str, for_original_base: bool) -> Tensor:
     module = model.get_submodule(slot.module)
     if slot.kind == "tensor":
         return getattr(module, slot.name)
-    tensor = getattr(module.lora[adapter_name], slot.kind)
+    adapter = module.lora[adapter_name]
+    if for_original_base and slot.kind in ("lora_A", "lora_B"):
+        tensor = original_base_factor(adapter, slot.kind, slot.module)
+    else:
+        tensor = getattr(adapter, slot.kind)
     assert tuple(tensor.shape) == slot.shape, (slot, tensor.shape)  # plan and layer agree
     return tensor
 

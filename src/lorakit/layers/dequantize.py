@@ -67,13 +67,16 @@ def dequantized_weight(module: nn.Module) -> Tensor:
     return int8_vectorwise_dequant(weight.data, scales.to(weight.device)).float()
 
 
-def full_precision_linear(module: nn.Module, weight: Tensor | None = None) -> nn.Linear:
+def full_precision_linear(
+    module: nn.Module, weight: Tensor | None = None, bias: Tensor | None = None
+) -> nn.Linear:
     """A plain `nn.Linear` in place of bitsandbytes layer `module`: `weight` (default: the
-    layer's own, dequantized), stored in the dtype from before quantization, the bias copied.
-    The weight is frozen (a base weight); the bias keeps its trainability and train mode."""
+    layer's own, dequantized) and `bias` (default: the layer's own; given, it may add a bias
+    where the layer had none), stored in the dtype from before quantization. The weight is
+    frozen (a base weight); a bias keeps the layer's bias trainability, and the train mode."""
     with torch.no_grad():
         weight = dequantized_weight(module) if weight is None else weight
-        bias = module.bias
+        bias = module.bias if bias is None else bias
         linear = nn.Linear(
             module.in_features, module.out_features, bias is not None,
             device=weight.device, dtype=original_dtype(module),
@@ -81,7 +84,8 @@ def full_precision_linear(module: nn.Module, weight: Tensor | None = None) -> nn
         linear.weight.copy_(weight)
         if bias is not None:
             linear.bias.copy_(bias)
-            linear.bias.requires_grad_(bias.requires_grad)
+            own = module.bias
+            linear.bias.requires_grad_(own is not None and own.requires_grad)
     linear.weight.requires_grad_(False)
     return linear.train(module.training)
 
