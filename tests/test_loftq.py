@@ -143,6 +143,11 @@ INJECT_ERRORS = {
         lambda: nn.Sequential(nn.Embedding(10, IN)), {}, UnsupportedLayerError,
         "init='loftq' fits a LoRA adapter on a Linear layer's .* not Embedding",
     ),
+    "linear, then embedding": (
+        lambda: nn.Sequential(nn.Linear(IN, 8), nn.Embedding(10, IN)), {"targets": ("0", "1")},
+        UnsupportedLayerError,
+        "module '1': init='loftq' .* not Embedding; the model is left as it was",
+    ),
     "dora": (
         lambda: nn.Sequential(nn.Linear(IN, 8)), {"use_dora": True}, UnsupportedLayerError,
         "not DoRA",
@@ -155,7 +160,7 @@ INJECT_ERRORS = {
 def test_inject_with_loftq_refuses_what_it_cannot_fit(make, extra, error, message):
     model = make()
     before = [p.detach().clone() for p in model.parameters()]
-    config = lorakit.LoraConfig(targets=("0",), init="loftq", **extra)
+    config = lorakit.LoraConfig(**{"targets": ("0",), "init": "loftq", **extra})
     with pytest.raises(error, match=message):
         lorakit.inject(model, config)
     assert not list(lorakit.lora_layers(model))

@@ -51,7 +51,7 @@ def inject_found(
     found them already (`load_adapter` checks them before the model changes) and checked
     `adapter_name`."""
     order = next_order(model)
-    if reads_weight(config.init) or config.init == "orthogonal":
+    if reads_weight(config.init) or config.init in ("orthogonal", "loftq"):
         _check_inits(model, targets, config)  # PiSSA / OLoRA rewrite base weights: check all
     undo = _Undo.take(model, targets)
     try:

@@ -16,8 +16,8 @@ Two ways in:
   weight is replaced by its NF4 round trip (bitsandbytes, block 64, no double quantization)
   and the adapter fitted to the error; quantizing that model to NF4 later gives those codes
   back. Injecting again on such a weight finds no error left, so A = B = 0 (untrainable):
-  LoftQ is for the first adapter on a base. As the weight changes in place, a failed `inject`
-  does not give the original weight back.
+  LoftQ is for the first adapter on a base. Every target is checked before any weight
+  changes (`check_loftq`), so a refused `inject` leaves the weights as they were.
 - `loftq_init(model, full_weights)` on a model whose base is already quantized (QLoRA): the
   codes hold no full-precision weight, so it is passed in (the base's state dict).
 """
@@ -91,12 +91,31 @@ def nf4_roundtrip(weight: Tensor) -> Tensor:
     return dequantize_4bit(codes, state).float()
 
 
-def _check_linear(layer: LoraLayer, adapter: LoRA) -> None:
-    if not isinstance(layer, LinearLoraMixin) or type(adapter) is not LoRA:
-        what = "DoRA" if type(adapter) is not LoRA else type(layer).base_class.__name__
+def check_loftq(cls: type[LoraLayer], use_dora: bool) -> None:
+    """Refuse init="loftq" for a layer of LoRA class `cls`: `inject` asks this of every target
+    before any weight is rewritten.
+
+    Raises:
+        ConfigError: the layer is quantized already (its float weight is gone: `loftq_init`).
+        UnsupportedLayerError: not a Linear-shaped layer, or a DoRA adapter.
+    """
+    if getattr(cls, "is_quantized", False):
+        raise ConfigError(
+            f"init='loftq' on {cls.__name__}: its weight is quantized already and the "
+            "full-precision weight LoftQ fits the adapter to is gone. Inject with another init, "
+            "then call lorakit.loftq_init(model, full_weights) with the base's float state dict"
+        )
+    if not issubclass(cls, LinearLoraMixin) or use_dora:
+        what = "DoRA" if use_dora else cls.base_class.__name__
         raise UnsupportedLayerError(
             f"init='loftq' fits a LoRA adapter on a Linear layer's (out, in) weight, not {what}"
         )
+
+
+def _check_linear(layer: LoraLayer, adapter: LoRA) -> None:
+    """`check_loftq` for a layer already adapted, whose adapter is built."""
+    if not isinstance(layer, LinearLoraMixin) or type(adapter) is not LoRA:
+        check_loftq(type(layer), use_dora=type(adapter) is not LoRA)
 
 
 def _write(adapter: LoRA, factors: LoftqFactors) -> None:
@@ -110,16 +129,9 @@ def init_from_base(layer: LoraLayer, adapter: LoRA) -> None:
     and replace that weight by its NF4 round trip (PEFT's behaviour; module docstring).
 
     Raises:
-        ConfigError: `layer` is quantized already (its float weight is gone: use `loftq_init`).
-        UnsupportedLayerError: not a Linear-shaped layer, or a DoRA adapter.
+        As `check_loftq`.
     """
-    if getattr(layer, "is_quantized", False):
-        raise ConfigError(
-            f"init='loftq' on {type(layer).__name__}: its weight is quantized already and the "
-            "full-precision weight LoftQ fits the adapter to is gone. Inject with another init, "
-            "then call lorakit.loftq_init(model, full_weights) with the base's float state dict"
-        )
-    _check_linear(layer, adapter)
+    check_loftq(type(layer), use_dora=type(adapter) is not LoRA)
     transposed = layer.weight_transposed
     weight = layer.weight.T if transposed else layer.weight
     factors = loftq_factors(weight, nf4_roundtrip, adapter.rank, adapter.scaling)

@@ -50,6 +50,10 @@ def check_init(cls: type[nn.Module], module: nn.Module, config: LoraConfig) -> N
     """Refuse `config.init` on `module` (to be adapted by LoRA class `cls`) where PEFT refuses
     it or lorakit cannot reproduce it; checked for every target before any weight changes."""
     init, kind = config.init, _kind(cls, module)
+    if init == "loftq":  # its own checks: lorakit.loftq
+        from ..loftq import check_loftq
+
+        return check_loftq(cls, config.use_dora)
     if init == "orthogonal":
         if config.rank % 2:
             raise ConfigError(f"init='orthogonal' needs an even rank, got rank={config.rank}")
