@@ -134,6 +134,12 @@ def test_loftq_init_without_a_quantized_layer():
         lorakit.loftq_init(model, model.state_dict())
 
 
+def _tied() -> nn.Sequential:
+    model = nn.Sequential(nn.Linear(IN, IN), nn.Linear(IN, IN))
+    model[1].weight = model[0].weight
+    return model
+
+
 INJECT_ERRORS = {
     "quantized base": (
         lambda: quantized_mlp("nf4"), {}, ConfigError,
@@ -148,6 +154,8 @@ INJECT_ERRORS = {
         UnsupportedLayerError,
         "module '1': init='loftq' .* not Embedding; the model is left as it was",
     ),
+    "tied weight": (lambda: _tied(), {}, UnsupportedLayerError,
+                    r"init='loftq' rewrites the weight of '0', which is tied to \['1'\]"),
     "dora": (
         lambda: nn.Sequential(nn.Linear(IN, 8)), {"use_dora": True}, UnsupportedLayerError,
         "not DoRA",

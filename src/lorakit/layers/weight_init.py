@@ -89,8 +89,8 @@ def check_init(cls: type[nn.Module], module: nn.Module, config: LoraConfig) -> N
 
 def check_untied(model: nn.Module, targets: list[tuple[str, nn.Module]], init: str) -> None:
     """Refuse a base-moving init on a weight another module shares (e.g. a tied lm_head):
-    the residual would change that module's output too."""
-    if not moves_base(init):
+    the residual would change that module's output too. LoftQ rewrites it too (NF4 round trip)."""
+    if not moves_base(init) and init != "loftq":
         return
     users: dict[int, list[str]] = {}
     for name, module in model.named_modules():
