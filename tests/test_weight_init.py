@@ -339,9 +339,9 @@ def test_quantized_base_refuses_weight_inits(init: str, kind: str) -> None:
     assert model[0].lora["default"].lora_A.abs().sum() > 0
 
 
-@pytest.mark.parametrize("init", ["pissa", "olora", "mica", "orthogonal"])
+@pytest.mark.parametrize("init", ["pissa", "pissa_niter_16", "olora", "mica", "orthogonal"])
 def test_finetune_flag_takes_the_inits(init: str) -> None:
-    """`lorakit finetune --init` lists the `Init` names (pissa_niter_K only in Python)."""
+    """`lorakit finetune --init` takes the `Init` names and pissa_niter_K."""
     from lorakit.cli import build_parser
     from lorakit.cli.finetune import options_from_args
 
@@ -360,3 +360,11 @@ def test_mica_file_loads_with_b_frozen(tmp_path: Path) -> None:
     assert loaded.lin1.lora["default"].lora_A.requires_grad
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=ATOL)
+
+
+def test_finetune_flag_refuses_other_inits(capsys: pytest.CaptureFixture[str]) -> None:
+    from lorakit.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["finetune", "--init", "pissa_niter_x"])
+    assert "invalid choice: 'pissa_niter_x' (choose from 'kaiming'," in capsys.readouterr().err
