@@ -367,4 +367,4 @@ def test_finetune_flag_refuses_other_inits(capsys: pytest.CaptureFixture[str]) -
 
     with pytest.raises(SystemExit):
         build_parser().parse_args(["finetune", "--init", "pissa_niter_x"])
-    assert "invalid choice: 'pissa_niter_x' (choose from 'kaiming'," in capsys.readouterr().err
+    assert "invalid choice: 'pissa_niter_x'" in capsys.readouterr().err
