@@ -28,7 +28,7 @@ from lorakit.errors import AdapterError, CheckpointError
 
 PEFT_CONFIG_KEYS = {
     "peft_type", "r", "lora_alpha", "target_modules", "lora_dropout", "bias", "use_rslora",
-    "use_dora", "rank_pattern", "alpha_pattern", "modules_to_save", "fan_in_fan_out",
+    "use_dora", "lora_bias", "rank_pattern", "alpha_pattern", "modules_to_save", "fan_in_fan_out",
     "init_lora_weights", "inference_mode", "base_model_name_or_path", "task_type",
 }  # fmt: skip
 
@@ -411,7 +411,7 @@ def test_unknown_config_keys_warn(saved: Path) -> None:
 @pytest.mark.parametrize(
     ("changes", "match"),
     [
-        ({"lora_bias": True}, r"lora_bias=True is a PEFT feature lorakit does not support"),
+        ({"lora_bias": True}, r"missing '.*lora_B.bias' \(\d+,\)"),
         ({"use_dora": True}, r"missing '.*lora_magnitude_vector' \(\d+,\)"),
         ({"peft_type": "IA3"}, r"peft_type is 'IA3'"),
         ({"layers_to_transform": [0]}, r"layers_to_transform=\[0\]"),

@@ -98,7 +98,6 @@ def test_wrap_a_second_adapter_and_refuse_a_duplicate():
     [
         (nn.LayerNorm(4), "cannot adapt a layer of type LayerNorm"),
         (nn.ReLU(), "cannot adapt a layer of type ReLU"),
-        (nn.Conv2d(4, 4, 3, groups=4), "cannot adapt Conv2d with groups=4"),
     ],
 )
 def test_wrap_unsupported_layer_raises(layer, message):

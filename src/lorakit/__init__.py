@@ -19,7 +19,8 @@ from .errors import (
 from .functional import delta_weight
 from .inject import inject
 from .layers import LoRA, LoRAConv1d, LoRAConv2d, LoRAConv3d, LoRAEmbedding, LoraLayer, LoRALinear
-from .merge import disabled, merge, merge_and_unload, unload, unmerge
+from .loftq import loftq_init
+from .merge import disabled, merge, merge_and_requantize, merge_and_unload, unload, unmerge
 from .overview import (
     InjectionReport,
     print_trainable_parameters,
@@ -61,10 +62,12 @@ __all__ = [
     "from_pretrained",
     "inject",
     "load_adapter",
+    "loftq_init",
     "lora_delta",
     "lora_layers",
     "merge",
     "optim",
+    "merge_and_requantize",
     "merge_and_unload",
     "output_size",
     "print_trainable_parameters",

@@ -90,7 +90,8 @@ def combine(
     Raises:
         AdapterError: a name is unknown, repeated, or `new_name` is taken or not an identifier.
         ConfigError: a bad `method`, `weights` or `rank` (0, or above a layer's size), a DoRA
-            adapter, or "linear" over adapters of different ranks on one layer.
+            adapter or one with lora_bias, a grouped conv, or "linear" over adapters of
+            different ranks on one layer.
     """
     names, weights = _check_combine(model, names, weights, method, new_name, rank)
     default = max(layer.lora[n].rank for _, layer in lora_layers(model) for n in names
@@ -111,7 +112,8 @@ def compress(model: nn.Module, name: str, rank: int) -> list[LayerCompression]:
 
     Raises:
         AdapterError: `name` is unknown or merged (unmerge first).
-        ConfigError: `rank` is not positive or above a layer's size; `name` is DoRA.
+        ConfigError: `rank` is not positive or above a layer's size; `name` is DoRA, has
+            lora_bias or sits on a grouped conv.
     """
     _check_names(model, (name,))
     check_rank(rank)
@@ -135,7 +137,7 @@ def compress(model: nn.Module, name: str, rank: int) -> list[LayerCompression]:
 
 # -- checks -----------------------------------------------------------------------------------
 def _check_names(model: nn.Module, names: tuple[str, ...]) -> None:
-    """Known, plain LoRA (not DoRA) adapters."""
+    """Known, plain LoRA adapters (not DoRA, no lora_bias), on no grouped conv."""
     configs = adapter_configs(model)
     unknown = [n for n in names if n not in configs]
     if unknown:
@@ -145,6 +147,17 @@ def _check_names(model: nn.Module, names: tuple[str, ...]) -> None:
             raise ConfigError(
                 f"adapter {name!r} is DoRA (use_dora=True); adapter algebra works on plain "
                 "LoRA adapters only"
+            )
+        if configs[name].lora_bias:
+            raise ConfigError(
+                f"adapter {name!r} has lora_bias=True; adapter algebra works on plain LoRA "
+                "adapters only"
+            )
+    for path, layer in lora_layers(model):
+        if layer.lora_groups() != 1 and any(n in layer.lora for n in names):
+            raise ConfigError(
+                f"layer {path!r} is a conv with groups={layer.lora_groups()}; adapter algebra "
+                "works on ungrouped layers only"
             )
 
 

@@ -36,7 +36,8 @@ def compress_adapter(
     ranks and the relative error ||delta - new delta||_F / ||delta||_F.
 
     Raises:
-        ConfigError: `rank` is not positive or above a layer's size, or the adapter is DoRA.
+        ConfigError: `rank` is not positive or above a layer's size, the adapter is DoRA,
+            has lora_bias, or sits on a grouped conv.
         CheckpointError: the folder at `path` is missing or damaged.
     """
     check_rank(rank)
@@ -45,10 +46,19 @@ def compress_adapter(
         raise ConfigError(
             f"{saved.folder}: use_dora=True; compress works on plain LoRA adapters only"
         )
+    if saved.config.lora_bias:  # s * b would change with the new scale
+        raise ConfigError(
+            f"{saved.folder}: lora_bias=True; compress works on plain LoRA adapters only"
+        )
     tensors = dict(saved.tensors)
     report = []
     for layer in saved.layers:
         A, B = saved.factors(layer)
+        if B.shape[1] != A.shape[0]:
+            raise ConfigError(
+                f"{saved.folder}: {layer.module!r} is a grouped conv (lora_B {tuple(B.shape)}); "
+                "compress works on ungrouped layers only"
+            )
         check_rank_fits(rank, B.shape[0], A[0].numel(), layer.module)
         svd = factor_svd(A, B, layer.scale)
         kept = min(rank, len(svd.S))

@@ -15,7 +15,7 @@ from .errors import ConfigError
 from .names import name_matches
 
 Bias = Literal["none", "all", "lora_only"]
-Init = Literal["kaiming", "gaussian", "zeros", "pissa", "olora", "orthogonal", "mica"]
+Init = Literal["kaiming", "gaussian", "zeros", "loftq", "pissa", "olora", "orthogonal", "mica"]
 # PiSSA by fast randomised SVD with K subspace iterations (PEFT's "pissa_niter_[K]"), also an init.
 PISSA_NITER = re.compile(r"pissa_niter_(\d+)")
 ALL_LINEAR = "all-linear"
@@ -171,6 +171,8 @@ class LoraConfig:
         modules_to_save: modules (names or suffixes) trained in full, e.g. a classifier head.
         init: "kaiming" (PEFT: A kaiming-uniform, B zero), "gaussian" (Edifice: A ~ N(0, 0.02),
             B zero) or "zeros" (both zero; for loading). Embeddings swap A and B (PEFT).
+            "loftq": A and B from the SVD of the base weight's NF4 quantization error, the
+            weight replaced by its NF4 round trip (Linear layers; see `lorakit.loftq`).
             From the base weight (PEFT's names, see `lorakit.layers.weight_init`): "pissa" and
             "pissa_niter_K" (principal singular directions; K fast-SVD iterations), "olora"
             (QR) - both move s * B A out of the base weight, which becomes the residual -,
@@ -179,6 +181,9 @@ class LoraConfig:
             None follows the base layer.
         use_dora: DoRA (PEFT's name): a trainable magnitude per output row rescales the
             normalised W + s * B A (see `lorakit.layers.dora`); every layer type lorakit adapts.
+        lora_bias: a trainable bias on B (PEFT's name; saved as `lora_B.bias`): each adapted
+            layer adds s * (B A x + b), and merging adds s * b to the base bias. Not with
+            DoRA, the "gaussian" init (PEFT refuses both) or on embeddings.
 
     Raises:
         ConfigError: an option has an invalid value; the message names it.
@@ -197,6 +202,7 @@ class LoraConfig:
     init: Init = "kaiming"
     dtype: torch.dtype | None = torch.float32
     use_dora: bool = False
+    lora_bias: bool = False
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen: normalise once, here
@@ -226,6 +232,7 @@ class LoraConfig:
             raise ConfigError(f"use_rslora must be a bool, got {self.use_rslora!r}")
         if not isinstance(self.use_dora, bool):
             raise ConfigError(f"use_dora must be a bool, got {self.use_dora!r}")
+        _check_lora_bias(self)
         check_choice(self.bias, "bias", get_args(Bias))
         check_init(self.init)
         set_(self, "dtype", _as_dtype(self.dtype))
@@ -246,6 +253,19 @@ class LoraConfig:
     def scaling(self) -> float:
         """alpha / rank, or alpha / sqrt(rank) with rsLoRA."""
         return scaling(self.rank, self.alpha, self.use_rslora)
+
+
+def _check_lora_bias(config: LoraConfig) -> None:
+    """PEFT's rules for lora_bias: a bool, and neither with DoRA nor with a non-default init."""
+    if not isinstance(config.lora_bias, bool):
+        raise ConfigError(f"lora_bias must be a bool, got {config.lora_bias!r}")
+    if config.lora_bias and config.use_dora:
+        raise ConfigError("lora_bias=True is not supported with use_dora=True (nor in PEFT)")
+    if config.lora_bias and config.init not in ("kaiming", "zeros"):
+        raise ConfigError(
+            f"lora_bias=True is not supported with init={config.init!r} (PEFT allows it only "
+            "with its default init); use init='kaiming'"
+        )
 
 
 def _compile(pattern: str, option: str, shown: str | None = None) -> re.Pattern[str]:

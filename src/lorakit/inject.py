@@ -10,6 +10,7 @@ from .adapter_registry import adapter_configs, check_adapter_name, next_order, r
 from .config import LoraConfig
 from .errors import AdapterError, LorakitError
 from .layers import LoraLayer, lora_class
+from .layers.mha import out_proj_owners
 from .layers.weight_init import check_init, check_untied, reads_weight, undo_weight_init
 from .overview import InjectionReport, trainable_parameters
 from .targets import find_targets, saved_paths
@@ -81,10 +82,12 @@ def _add_adapters(
 ) -> None:
     """Adapt each target and add the adapter, marked with `config` and `order` (see
     `adapter_registry`); an error names the adapter and the module."""
+    owners = out_proj_owners(targets)  # an MHA's out_proj takes the MHA's rank and alpha
     for name, module in targets:
         try:
             layer = module if isinstance(module, LoraLayer) else lora_class(module).adapt(module)
-            register(layer.add_adapter(adapter_name, config.for_module(name)), order, config)
+            module_config = config.for_module(owners.get(name, name))
+            register(layer.add_adapter(adapter_name, module_config), order, config)
         except LorakitError as err:  # names the adapter and the value already
             raise type(err)(f"module {name!r}: {err}; the model is left as it was") from err
         except Exception as err:

@@ -37,15 +37,17 @@ def merge(model: nn.Module, keep_original: bool = True) -> nn.Module:
         MergeError: an adapter holds NaN or inf (checked on every layer before any write), an
             adapted weight is tied to another module, which merging would change too, or an
             adapted layer is quantized (bitsandbytes 4-bit / 8-bit: rounding the merged
-            weight back to its codes would lose the adapter; `merge_and_unload` dequantizes).
+            weight back to its codes would lose the adapter; `merge_and_unload` dequantizes),
+            a conv with groups > 1, or an adapter with lora_bias on a layer without a bias.
         AdapterError: called inside `disabled(model)`.
     """
     layers = _check_adapters(model)
     _check_untied(model)
     for name, layer in layers:
         todo = [n for n in layer.lora_active if n not in layer.lora_merged]
-        if getattr(layer, "is_quantized", False) and todo:
-            raise MergeError(f"layer {name!r}: {layer.merge_refusal(todo[0])}; nothing was merged")
+        refusals = [r for r in map(layer.merge_refusal, todo) if r is not None]
+        if refusals:  # quantized, a grouped conv, a lora_bias without a base bias
+            raise MergeError(f"layer {name!r}: {refusals[0]}; nothing was merged")
     for _, layer in layers:
         layer.merge(keep_original=keep_original)
     return model
@@ -110,13 +112,39 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     4-bit or 8-bit codes). Raises as `merge`.
     """
     _check_adapters(model)
-    if getattr(model, "is_quantized", False):  # the model is one quantized layer
+    # the model is one quantized layer (a transformers model loaded quantized has an
+    # `is_quantized` attribute too: not a layer)
+    if isinstance(model, LoraLayer) and getattr(model, "is_quantized", False):
         return model.merged_linear()
     _unload_quantized(model)
     merge(model, keep_original=False)  # nothing is unmerged after this: no copy needed
     for _, layer in list(lora_layers(model)):
         layer.restore()
     return model
+
+
+def merge_and_requantize(model: nn.Module) -> dict[str, float]:
+    """Merge the active adapters and remove all adapters, keeping quantized layers quantized:
+    each bitsandbytes Linear4bit / Linear8bitLt gets dequant(W) + s B A re-quantized into its
+    codes (same settings), the other layers merge as `merge_and_unload`. In place.
+
+    Opt-in, because rounding changes the model: returns {layer path: rounding error} for the
+    quantized layers, the share of the adapter's delta lost, ||Q(W + D) - (W + D)|| / ||D||.
+    With a delta below one quantization step (typical after finetuning) that is 1 or more:
+    the adapter is lost and the rounding adds as much noise again (see
+    `tests/test_qlora_requantize.py`); `merge_and_unload` (full precision) keeps it all.
+
+    Raises:
+        MergeError: as `merge` (non-finite adapter, tied weight).
+    """
+    _check_adapters(model)
+    _check_untied(model)
+    quantized = [(n, m) for n, m in lora_layers(model) if getattr(m, "is_quantized", False)]
+    errors = {name: layer.requantize_merged() for name, layer in quantized}
+    merge(model, keep_original=False)
+    for _, layer in list(lora_layers(model)):
+        layer.restore()
+    return errors
 
 
 def _unload_quantized(model: nn.Module) -> None:

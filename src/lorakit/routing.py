@@ -9,7 +9,8 @@ to the largest, a zero adapter at index 0 for `None` rows), gathered per row by 
 applied with two batched matmuls — h^T = bmm(A_rows, x^T) scaled per row by s, then
 `baddbmm_(h, B_rows^T)` into the base output — no Python loop over rows or adapters.
 A row of a DoRA adapter gets y_i = f_i * (base(x_i) - b + s B A x_i) + b, its factor
-f = m / ||W + s B A|| stacked per adapter like the factors (ones for LoRA adapters).
+f = m / ||W + s B A|| stacked per adapter like the factors (ones for LoRA adapters). A row
+of an adapter with `lora_bias` also gets s * b (zeros stacked for the adapters without).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from .errors import AdapterError, UnsupportedLayerError
 from .layers.base import LoraLayer
 from .layers.conv import ConvLoraMixin
 from .layers.dora import DoRA, weight_rows
+from .layers.mha import MultiheadAttentionLoraMixin
 from .tree import lora_layers
 
 __all__ = ["RowRouting", "clear_cache", "routing"]
@@ -49,6 +51,7 @@ class _Stacks(NamedTuple):
     b: Tensor
     rank: int
     dora: Tensor | None = None  # (batch, 1, out) each row's DoRA factor, None without DoRA
+    bias: Tensor | None = None  # (batch, 1, out) each row's s * b (lora_bias), or None
 
 
 class _Factors(NamedTuple):
@@ -61,6 +64,7 @@ class _Factors(NamedTuple):
     rank: int
     signature: tuple
     dora: Tensor | None  # (n+1, out): each adapter's DoRA factor (ones for LoRA), or None
+    bias: Tensor | None = None  # (n+1, out): each adapter's s * b (zeros without), or None
 
 
 def _signature(layer: LoraLayer, names: tuple[str, ...]) -> tuple:
@@ -71,6 +75,9 @@ def _signature(layer: LoraLayer, names: tuple[str, ...]) -> tuple:
         for p in (ad.lora_A, ad.lora_B):
             parts.append((p.data_ptr(), p._version, p.dtype, p.device, tuple(p.shape)))
         parts.append((ad.scaling, ad.dropout_p))
+        if ad.lora_bias is not None:
+            p = ad.lora_bias
+            parts.append((p.data_ptr(), p._version, p.dtype, p.device, tuple(p.shape)))
         if isinstance(ad, DoRA):  # its factor depends on m and on W
             for p in (ad.magnitude, layer.weight):
                 parts.append((p.data_ptr(), p._version, p.dtype, p.device, tuple(p.shape)))
@@ -94,9 +101,20 @@ def _stack(layer: LoraLayer, names: tuple[str, ...], signature: tuple = ()) -> _
     )  # fmt: skip
     index = {n: i + 1 for i, n in enumerate(names)}
     dora = _dora_factors(layer, adapters, a_stack.dtype)
+    bias = _bias_terms(adapters, a_stack.dtype)
     return _Factors(
-        index, a_stack.flatten(1), b_stack.flatten(1), per_adapter, rank, signature, dora
+        index, a_stack.flatten(1), b_stack.flatten(1), per_adapter, rank, signature, dora, bias
     )
+
+
+def _bias_terms(adapters: list, dtype: torch.dtype) -> Tensor | None:
+    """(n+1, out): s * b of each adapter with lora_bias, zeros for the rest and row 0."""
+    if all(a.lora_bias is None for a in adapters):
+        return None
+    zeros = adapters[0].lora_B.new_zeros(adapters[0].out_features, dtype=dtype)
+    terms = [zeros if a.lora_bias is None else (a.lora_bias * a.scaling).to(dtype)
+             for a in adapters]  # fmt: skip
+    return torch.stack([zeros, *terms])
 
 
 def _dora_factors(layer: LoraLayer, adapters: list, dtype: torch.dtype) -> Tensor | None:
@@ -171,8 +189,9 @@ class RowRouting:
         rows = remap[self.rows].to(factors.a.device)
         per_row = factors.per_adapter[rows].view(-1, 2, 1, 1)
         dora = None if factors.dora is None else factors.dora[rows].unsqueeze(1)
+        bias = None if factors.bias is None else factors.bias[rows].unsqueeze(1)
         stacks = _Stacks(
-            rows, per_row[:, 0], per_row[:, 1], factors.a, factors.b, factors.rank, dora
+            rows, per_row[:, 0], per_row[:, 1], factors.a, factors.b, factors.rank, dora, bias
         )
         if not grad:
             self._cache[key] = stacks
@@ -199,12 +218,8 @@ class RowRouting:
         out = y.shape[-1]
         bt = torch.index_select(st.b, 0, st.rows).view(batch, st.rank, out)
         y3 = y.reshape(batch, -1, out)
-        if st.dora is not None:  # f * (y - b + delta) + b, each row its own f (ones for LoRA)
-            bias = getattr(layer, "bias", None)
-            plain = y3 if bias is None else y3 - bias
-            new = st.dora * (plain + torch.bmm(h, bt))
-            new = new if bias is None else new + bias
-            return new.reshape(y.shape).to(y.dtype)
+        if st.dora is not None or st.bias is not None:
+            return _combined(layer, y, y3, torch.bmm(h, bt), st)
         if y.dtype == h.dtype and y3.data_ptr() == y.data_ptr() and not _needs_graph(y, h, bt):
             y3.baddbmm_(h, bt)  # in place: no second (batch, T, out) tensor
             return y
@@ -219,6 +234,20 @@ class RowRouting:
                 f"mixed-adapter batches do not route DoRA adapter(s) {dropping} with dropout "
                 "in training mode; call model.eval() or route them without dropout"
             )
+
+
+def _combined(layer: LoraLayer, y: Tensor, y3: Tensor, delta: Tensor, st: _Stacks) -> Tensor:
+    """y plus the rows' deltas with lora biases (s * b) and DoRA factors: f * (y - b + delta
+    + s * b_lora) + b, each row its own f (ones for LoRA) and b_lora (zeros without)."""
+    if st.bias is not None:
+        delta = delta + st.bias
+    if st.dora is None:
+        return y + delta.reshape(y.shape).to(y.dtype)
+    bias = getattr(layer, "bias", None)
+    plain = y3 if bias is None else y3 - bias
+    new = st.dora * (plain + delta)
+    new = new if bias is None else new + bias
+    return new.reshape(y.shape).to(y.dtype)
 
 
 def _pad(t: Tensor, dim: int, size: int) -> Tensor:
@@ -270,7 +299,8 @@ def routing(
     Raises:
         AdapterError: an unknown adapter name, merged adapters, an empty list, a nested
             routing context, or (at forward) a DoRA adapter with dropout in training mode.
-        UnsupportedLayerError: a routed adapter sits on a convolution.
+        UnsupportedLayerError: a routed adapter sits on a convolution or an
+            nn.MultiheadAttention (its deltas go into weights shared by all rows).
     """
     rows = list(adapters_per_row)
     if not rows:
@@ -290,7 +320,8 @@ def routing(
             )
         if layer.lora_routing is not None:
             raise AdapterError(f"layer {path!r} is already routed; routing contexts do not nest")
-        if isinstance(layer, ConvLoraMixin) and any(n in layer.lora for n in names):
+        unroutable = (ConvLoraMixin, MultiheadAttentionLoraMixin)  # PEFT refuses MHA too
+        if isinstance(layer, unroutable) and any(n in layer.lora for n in names):
             raise UnsupportedLayerError(
                 f"mixed-adapter batches support Linear, GPT-2 Conv1D and Embedding layers; "
                 f"{path!r} is a {type(layer).__name__}"

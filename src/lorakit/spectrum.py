@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from .errors import ConfigError
+from .functional import ungrouped_B
 
 ENERGIES = (0.9, 0.99)  # shares of ||delta||_F² the effective-rank columns report
 
@@ -53,12 +54,13 @@ def check_rank_fits(rank: int, out: int, size: int, where: str) -> None:
 
 
 def factor_svd(A: Tensor, B: Tensor, scale: float = 1.0) -> LowRankSVD:
-    """The thin SVD of s * B A for LoRA factors A (r, in, *kernel) and B (out, r, *ones).
+    """The thin SVD of s * B A for LoRA factors A (r, in, *kernel) and B (out, r, *ones) (a
+    grouped conv's B (out, r / g, *ones) is expanded: `functional.ungrouped_B`).
 
     U and Vh are flat: reshape A-like rows with `A.shape[1:]`.
     """
     rank = A.shape[0]
-    b = B.detach().reshape(B.shape[0], rank).to(torch.float64)
+    b = ungrouped_B(B.detach(), rank).reshape(B.shape[0], rank).to(torch.float64)
     a = A.detach().reshape(rank, -1).to(torch.float64)
     q_b, r_b = torch.linalg.qr(b)
     q_a, r_a = torch.linalg.qr(a.T)

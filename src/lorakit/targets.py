@@ -7,7 +7,7 @@ import dataclasses
 from torch import nn
 
 from .config import ALL_LINEAR, LoraConfig
-from .errors import TargetNotFoundError, UnsupportedLayerError
+from .errors import ConfigError, TargetNotFoundError, UnsupportedLayerError
 from .layers import LINEAR_TYPES, lora_class
 from .names import name_matches
 from .tree import base_modules, output_head_names, parent_module
@@ -39,18 +39,39 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.Mod
         elif not name_matches(name, config.targets):
             continue
         if isinstance(parent_module(model, name), nn.MultiheadAttention):
+            if any(path == name for path, _ in found):
+                continue  # the out_proj of a matched MHA: adapted with it, just below
             raise UnsupportedLayerError(
                 f"cannot adapt {name!r}: nn.MultiheadAttention uses its weights without calling "
-                "the layer, so LoRA there would be silently ignored"
+                "the layer, so LoRA there would be silently ignored; target the attention "
+                f"module {name.rpartition('.')[0]!r} itself to adapt its in- and out-projection "
+                "(as PEFT does)"
             )
         lora_class(module)  # raises for a type LoRA cannot adapt, before anything changes
         found.append((name, module))
+        if isinstance(module, nn.MultiheadAttention):
+            found.append(_attention_out_proj(name, module, config))
     if not found:
         raise TargetNotFoundError(
             f"targets={config.targets!r} matched no module of {type(model).__name__}; "
             + _adaptable_hint(model, suggest_all_linear=config.targets != ALL_LINEAR)
         )
     return found
+
+
+def _attention_out_proj(
+    name: str, module: nn.MultiheadAttention, config: LoraConfig
+) -> tuple[str, nn.Module]:
+    """The out_proj that an adapted MHA `name` adapts beside its in-projection (see
+    `layers.mha`); biases are refused there: PEFT keeps them under its wrappers' names."""
+    if config.bias != "none":
+        raise ConfigError(
+            f"bias={config.bias!r} is not supported with nn.MultiheadAttention {name!r}: "
+            "lorakit does not save its biases in PEFT's layout; use bias='none'"
+        )
+    out_proj = module.out_proj
+    lora_class(out_proj)
+    return f"{name}.out_proj", out_proj
 
 
 def saved_paths(model: nn.Module, names: tuple[str, ...], strict: bool = False) -> list[str]:

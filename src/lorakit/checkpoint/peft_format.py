@@ -5,6 +5,9 @@ Keys (the adapter name never appears; `base_model.model.` is optional when readi
     <path>.lora_A.weight (r, in, *k)      <path>.lora_B.weight (out, r, *1)   Linear, Conv1D, ConvNd
     <path>.lora_embedding_A (r, vocab)    <path>.lora_embedding_B (dim, r)     Embedding
     <path>.lora_magnitude_vector (out,)   DoRA's magnitude (use_dora), any layer type
+    <path>.lora_B.bias (out,)             B's bias (lora_bias), Linear, Conv1D, ConvNd
+
+On a conv with groups g > 1 `lora_B.weight` is (out, r / g, *1) (PEFT's grouped B).
     <path>.base_layer.bias                bias of an adapted layer (bias "lora_only" / "all")
     <path>.<param>                        other biases ("all"), modules_to_save tensors
 
@@ -39,7 +42,6 @@ PEFT_KEYS = frozenset(
 )
 # PEFT features whose tensors or forward lorakit does not reproduce: refused when switched on.
 UNSUPPORTED = (
-    "lora_bias",
     "layers_to_transform",
     "layer_replication",
     "target_parameters",
@@ -92,6 +94,7 @@ def to_peft(
         "bias": config.bias,
         "use_rslora": config.use_rslora,
         "use_dora": config.use_dora,
+        "lora_bias": config.lora_bias,
         "rank_pattern": dict(config.rank_pattern),
         "alpha_pattern": {k: _number(v) for k, v in config.alpha_pattern.items()},
         "modules_to_save": list(config.modules_to_save) or None,
@@ -156,6 +159,7 @@ def from_peft(raw: Mapping[str, object], source: str) -> LoraConfig:
             alpha_pattern=raw.get("alpha_pattern") or {},
             use_rslora=bool(raw.get("use_rslora", False)),
             use_dora=bool(raw.get("use_dora", False)),
+            lora_bias=bool(raw.get("lora_bias", False)),
             bias=raw.get("bias", "none"),
             modules_to_save=tuple(dict.fromkeys(saved)),
             init=replayed or "zeros",  # the file's tensors overwrite both factors
@@ -175,6 +179,11 @@ def lora_keys(path: str, embedding: bool) -> tuple[str, str]:
     if embedding:
         return f"{PREFIX}{path}.lora_embedding_A", f"{PREFIX}{path}.lora_embedding_B"
     return f"{PREFIX}{path}.lora_A.weight", f"{PREFIX}{path}.lora_B.weight"
+
+
+def lora_bias_key(path: str) -> str:
+    """PEFT's key of B's bias (`lora_bias`) for the layer at `path`."""
+    return f"{PREFIX}{path}.lora_B.bias"
 
 
 def magnitude_key(path: str) -> str:

@@ -17,12 +17,14 @@ from torch import Tensor, nn
 from ..config import ALL_LINEAR, LoraConfig
 from ..layers import lora_class
 from ..layers.dora import magnitude_shape
+from ..layers.lora import check_groups
+from ..layers.mha import out_proj_owners, peft_module_path
 from ..layers.registry import weight_shape
 from ..names import name_matches
 from ..tree import base_modules
-from .peft_format import lora_keys, magnitude_key, param_key
+from .peft_format import lora_bias_key, lora_keys, magnitude_key, param_key
 
-Kind = Literal["lora_A", "lora_B", "magnitude", "tensor"]
+Kind = Literal["lora_A", "lora_B", "magnitude", "lora_bias", "tensor"]
 Modules = list[tuple[str, nn.Module]]  # (path, module) pairs
 # dtypes LoRA factors compute in; a file's other floats (float8) load as float32
 COMPUTE_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
@@ -33,8 +35,9 @@ EMBEDDING_NAMES = ("embed_tokens", "lm_head")
 @dataclass(frozen=True)
 class Slot:
     """Where one file tensor lives: `module` path, then `name` ("lora_A", "lora_B",
-    "magnitude" (DoRA), or a parameter / buffer of that module), with the `shape` it must
-    have; `optional` ones may be absent (base weights PEFT adds for embeddings)."""
+    "magnitude" (DoRA), "lora_bias" (B's bias), or a parameter / buffer of that module), with
+    the `shape` it must have; `optional` ones may be absent (base weights PEFT adds for
+    embeddings)."""
 
     kind: Kind
     module: str
@@ -44,11 +47,17 @@ class Slot:
 
 
 def lora_shapes(module: nn.Module, config: LoraConfig) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """Shapes of A (r, in, *k) and B (out, r, *1) for `module` under its per-module `config`."""
+    """Shapes of A (r, in, *k) and B (out, r / groups, *1) for `module` under its per-module
+    `config` (groups > 1 on a grouped conv only).
+
+    Raises:
+        ConfigError: the rank is not a multiple of a grouped conv's groups.
+    """
     cls = lora_class(module)
     in_features, out_features, kernel = cls.lora_dims(module)  # reads only base attributes
+    groups = check_groups(config.rank, cls.lora_groups(module))
     ones = (1,) * len(kernel)
-    return (config.rank, in_features, *kernel), (out_features, config.rank, *ones)
+    return (config.rank, in_features, *kernel), (out_features, config.rank // groups, *ones)
 
 
 def _own_tensors(module: nn.Module, prefix: str) -> Iterable[tuple[str, str, Tensor]]:
@@ -67,14 +76,20 @@ def plan(config: LoraConfig, modules: Modules, targets: Modules) -> dict[str, Sl
     `modules` is the model's `base_modules`, walked once by the caller."""
     slots: dict[str, Slot] = {}
     adapted = {path for path, _ in targets}
+    owners = out_proj_owners(targets)  # an MHA's out_proj: the MHA's rank, PEFT's key path
     for path, module in targets:
-        a_shape, b_shape = lora_shapes(module, config.for_module(path))
-        key_a, key_b = lora_keys(path, lora_class(module).is_embedding)
+        a_shape, b_shape = lora_shapes(module, config.for_module(owners.get(path, path)))
+        embedding = lora_class(module).is_embedding
+        key_a, key_b = lora_keys(peft_module_path(path, owners), embedding)
         slots[key_a] = Slot("lora_A", path, "lora_A", a_shape)
         slots[key_b] = Slot("lora_B", path, "lora_B", b_shape)
         if config.use_dora:  # one magnitude per output row (PEFT's shape)
             m_shape = magnitude_shape(b_shape)
             slots[magnitude_key(path)] = Slot("magnitude", path, "magnitude", m_shape)
+        if config.lora_bias and not embedding:  # B's bias (embeddings refuse it at inject)
+            slots[lora_bias_key(path)] = Slot("lora_bias", path, "lora_bias", b_shape[:1])
+        if isinstance(module, nn.MultiheadAttention):
+            continue  # no `weight`; its in-projection is never saved
         # PEFT saves the base weight of an adapted embedding too (save_embedding_layers)
         weight = param_key(path, "weight", adapted=True)
         slots[weight] = Slot("tensor", path, "weight", tuple(module.weight.shape), optional=True)
@@ -103,6 +118,9 @@ def peft_targets(config: LoraConfig, modules: Modules, adapted: list[str]) -> st
     """`target_modules` for PEFT: the config's own when PEFT's matching of it picks exactly
     the adapted layers (among `modules`, the model's `base_modules`), else the explicit list
     of adapted paths (what PEFT writes itself for "all-linear")."""
+    adapted_set = set(adapted)
+    companions = out_proj_owners([(p, m) for p, m in modules if p in adapted_set])
+    adapted = [p for p in adapted if p not in companions]  # PEFT adapts them with their MHA
     targets = config.targets
     if targets != ALL_LINEAR and not config.exclude:
         matched = {n for n, _ in modules if n and name_matches(n, targets)}

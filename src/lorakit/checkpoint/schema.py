@@ -45,6 +45,7 @@ FIELDS: dict[str, tuple[str, Callable[[object], bool]]] = {
     "alpha_pattern": ("an object of numbers", _optional(_mapping(_number))),
     "use_rslora": ("true or false", _optional(lambda v: isinstance(v, bool))),
     "use_dora": ("true or false", _optional(lambda v: isinstance(v, bool))),
+    "lora_bias": ("true or false", _optional(lambda v: isinstance(v, bool))),
     "bias": ("a string", _optional(lambda v: isinstance(v, str))),
     "init_lora_weights": ("true, false or a string", lambda v: isinstance(v, (bool, str))),
     "task_type": ("a string", _optional(lambda v: isinstance(v, str))),

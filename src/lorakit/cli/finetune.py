@@ -69,6 +69,7 @@ def _add_lora_arguments(g: argparse._ArgumentGroup) -> None:
     add("--modules-to-save", "names trained in full (default: a seq-cls model's head)", type=_names)
     add("--use-rslora", "scale by alpha / sqrt(rank)", action="store_true")
     add("--use-dora", "DoRA: a trained magnitude per output row", action="store_true")
+    add("--lora-bias", "a trained bias on B (PEFT's lora_bias)", action="store_true")
     add("--bias", f"(default: {lora.bias})", choices=get_args(Bias))
     add("--init", f"or pissa_niter_K (default: {lora.init})", choices=_InitChoices(get_args(Init)))
     add(
@@ -89,7 +90,8 @@ def lora_from_args(args: argparse.Namespace, defaults: dict[str, Any]) -> LoraCo
 
 
 _LORA_FLAGS = ("rank", "alpha", "dropout", "targets", "targets_regex", "exclude",
-               "modules_to_save", "use_rslora", "use_dora", "bias", "init", "dtype")  # fmt: skip
+               "modules_to_save", "use_rslora", "use_dora", "lora_bias", "bias", "init",
+               "dtype")  # fmt: skip
 
 
 def options_from_args(args: argparse.Namespace) -> tuple[TrainOptions, LoraConfig]:

@@ -7,6 +7,13 @@ adapter layers and writes a plain `transformers` folder (safetensors) that `from
 loads with the adapted outputs. Tokenizer and other side files of MODEL_DIR are copied along.
 The folder is written beside DIR under a temporary name and renamed into place at the end.
 
+An adapter trained on a quantized base (`finetune --quantize nf4|fp4|int8`, QLoRA) learned to
+correct that base's rounding, so its faithful merge is dequant(Q(W)) + s B A: the base is
+loaded quantized as in training (--quantized-base, default: the run.json's --quantize),
+every quantized layer dequantized to the dtype it was loaded in, the adapter added in
+full precision, and the folder written without a quantization config: a plain model that
+gives the quantized base + adapter's outputs up to float rounding.
+
 The task comes from --task, else the adapter's `task_type`, else the `run.json` that
 `lorakit finetune` writes beside its adapter, else the model folder's config
 (`architectures[0]`). A classifier's label names come from the adapter (lorakit_id2label),
@@ -18,7 +25,7 @@ from __future__ import annotations
 import argparse
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 from torch import nn
 
@@ -31,6 +38,7 @@ from ..llm.model import SMOLLM2, resolve_model
 from ..merge import merge_and_unload
 from ..train.model import check_weight_files, head_labels, load_model, read_model_config
 from ..train.options import TASKS
+from ..train.quantize import Quantize, quantization_config
 from ..tree import lora_layers
 
 # Files of a model folder that describe the weights; everything else (tokenizer, generation
@@ -41,10 +49,14 @@ _PEFT_PREFIX = "base_model.model."
 
 
 def load_base(
-    model_dir: Path, task: str | None = None, labels: dict[str, int] | None = None
+    model_dir: Path,
+    task: str | None = None,
+    labels: dict[str, int] | None = None,
+    quantize: Quantize = "none",
 ) -> nn.Module:
     """The transformers model saved in `model_dir`: with `task`'s head (and `labels`) when
-    given, else by its config's first architecture.
+    given, else by its config's first architecture; quantized as `finetune --quantize` does
+    when `quantize` is not "none".
 
     Raises:
         CheckpointError: no folder, no config.json, an unknown architecture, unreadable weights.
@@ -56,12 +68,14 @@ def load_base(
         raise CheckpointError(f"{model_dir} holds no config.json; --base needs a transformers "
                               "model folder (save_pretrained)")  # fmt: skip
     check_weight_files(model_dir)
+    quantization = quantization_config(quantize, bf16=False)  # merged in float32 compute
     if task is not None:
-        return load_model(model_dir, task, labels, labels_source="the adapter's labels").eval()
-    return _load_by_architecture(model_dir)
+        return load_model(model_dir, task, labels, labels_source="the adapter's labels",
+                          quantization_config=quantization).eval()  # fmt: skip
+    return _load_by_architecture(model_dir, quantization)
 
 
-def _load_by_architecture(model_dir: Path) -> nn.Module:
+def _load_by_architecture(model_dir: Path, quantization: Any = None) -> nn.Module:
     import transformers
 
     try:
@@ -76,7 +90,8 @@ def _load_by_architecture(model_dir: Path) -> nn.Module:
             "transformers model class"
         )
     try:
-        return cls.from_pretrained(model_dir, local_files_only=True).eval()
+        extra = {} if quantization is None else {"quantization_config": quantization}
+        return cls.from_pretrained(model_dir, local_files_only=True, **extra).eval()
     except (OSError, ValueError, RuntimeError) as err:
         raise CheckpointError(f"{model_dir}: cannot load {cls.__name__}: {err}") from None
 
@@ -113,20 +128,33 @@ def base_folder(base: Path | None, stored: BaseModelInfo, adapter: Path) -> Path
     return Path(stored.name_or_path)
 
 
+def base_quantization(folder: Path, quantize: Quantize | None) -> Quantize:
+    """How the adapter's base was quantized in training: --quantized-base, else the
+    `--quantize` that finetune's run.json beside `folder` records, else "none"."""
+    if quantize is not None:
+        return quantize
+    return _read_run(folder.parent / RUN_FILE).get("quantize") or "none"
+
+
 def _read_run(path: Path) -> dict[str, Any]:
-    """The task and labels of a finetune run.json; {} when there is none."""
+    """The task, labels and --quantize of a finetune run.json; {} when there is none."""
     if not path.is_file():
         return {}
     run = read_json(path)
     task, labels = run.get("task"), run.get("labels")
     if task is not None and task not in TASKS:
         raise CheckpointError(f"{path}: task {task!r} is not one of {list(TASKS)}")
+    options = run.get("options")
+    quantize = options.get("quantize") if isinstance(options, dict) else None
+    if quantize is not None and quantize not in get_args(Quantize):
+        raise CheckpointError(f"{path}: options.quantize {quantize!r} is not one of "
+                              f"{list(get_args(Quantize))}")  # fmt: skip
     valid = isinstance(labels, dict) and all(
         isinstance(k, str) and isinstance(v, int) for k, v in labels.items()
     )
     if labels is not None and not valid:
         raise CheckpointError(f"{path}: labels must map label names to class ids, got {labels!r}")
-    return {"task": task, "labels": labels}
+    return {"task": task, "labels": labels, "quantize": quantize}
 
 
 def check_head_source(model: nn.Module, raw: dict[str, Any], base: Path, adapter: Path) -> None:
@@ -175,9 +203,11 @@ def merge_folder(
     adapter_name: str = "default",
     allow_pickle: bool = False,
     task: str | None = None,
-) -> tuple[int, Path]:
-    """Write base + adapter, merged, to `out`; returns (layers merged, out). `base` None:
-    the base model the adapter records.
+    quantize: Quantize | None = None,
+) -> tuple[int, Path, Quantize]:
+    """Write base + adapter, merged, to `out`; returns (layers merged, out, how the base was
+    quantized). `base` None: the base model the adapter records. `quantize` None: as the
+    adapter's run.json records (see the module docstring), else "none".
 
     Raises:
         CheckpointError: `out` exists and is not empty or cannot be written, base / adapter
@@ -189,11 +219,12 @@ def merge_folder(
     folder, raw, tensors, metadata = read_adapter(adapter, adapter_name, allow_pickle=allow_pickle)
     stored = read_base(raw, metadata, folder, _weights(folder))
     task, labels = adapter_task(folder, task, stored)
+    quantize = base_quantization(folder, quantize)
     base = base_folder(base, stored, adapter)
     try:
         # made first, so an unwritable --out fails before the model loads; owner-only as ever
         with atomic_folder(out, replace=False, mode=0o700) as tmp:
-            model = load_base(base, task, labels)
+            model = load_base(base, task, labels, quantize)
             if task == "seq-cls":
                 check_head_source(model, raw, base, adapter)
             try:
@@ -202,11 +233,15 @@ def merge_folder(
                 explain_bare_model(model, tensors, base, adapter)
                 raise
             layers = len(list(lora_layers(model)))
-            merge_and_unload(model)
+            merge_and_unload(model)  # adapted quantized layers: dequant(W) + s B A
+            if quantize != "none":
+                from ..layers.dequantize import dequantize_model
+
+                dequantize_model(model)  # the layers without an adapter
             _save(model, base, tmp)
     except OSError as err:
         raise CheckpointError(f"cannot write --out {out}: {err.strerror or err}") from None
-    return layers, out
+    return layers, out, quantize
 
 
 def _weights(folder: Path) -> Path:
@@ -216,15 +251,19 @@ def _weights(folder: Path) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
-    layers, out = merge_folder(
+    layers, out, quantize = merge_folder(
         None if args.base is None else Path(args.base),
         Path(args.adapter),
         Path(args.out),
         args.adapter_name,
         args.allow_pickle,
         args.task,
+        args.quantized_base,
     )
-    print(f"merged {args.adapter} into {layers} layers of {args.base or 'its base'} -> {out}")
+    base = args.base or "its base"
+    if quantize != "none":
+        base = f"{base} (loaded as {quantize}, dequantized)"
+    print(f"merged {args.adapter} into {layers} layers of {base} -> {out}")
     return 0
 
 
@@ -244,6 +283,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         choices=TASKS,
         help="the head to load the base with (default: the adapter's task_type, the run.json "
         "of `lorakit finetune` beside it, else the base config's architectures)",
+    )
+    parser.add_argument(
+        "--quantized-base",
+        choices=get_args(Quantize),
+        help="the base was quantized in training (finetune --quantize): load it so, then "
+        "dequantize, so the merged model gives what was trained (default: the run.json of "
+        "`lorakit finetune` beside the adapter, else none)",
     )
     parser.add_argument(
         "--adapter-name", default="default", help="read PATH/NAME when it holds an adapter"

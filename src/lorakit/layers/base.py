@@ -20,11 +20,15 @@ from ..errors import AdapterError, ConfigError, MergeError
 from ..functional import merged_weight
 from .dora import DoRA, check_dora_layer, dora_forward, dora_merged, dora_unmerged, weight_rows
 from .lora import LoRA
+from .lora_bias import bias_step, check_lora_bias_layer, no_bias_refusal, with_biases
 from .routing_hook import RoutingHook
 from .weight_init import apply_weight_init, check_init
 
 # The plain attributes `adapt` adds (besides the `lora` ModuleDict) and `restore` removes.
-_STATE = ("lora_active", "lora_merged", "lora_disabled", "lora_routing", "lora_original")
+_STATE = (
+    "lora_active", "lora_merged", "lora_disabled", "lora_routing", "lora_original",
+    "lora_original_bias",
+)  # fmt: skip
 
 
 class LoraLayer(nn.Module):
@@ -39,6 +43,7 @@ class LoraLayer(nn.Module):
             batch; `forward` then adds its per-row deltas instead of the active adapters'.
         lora_original: None, or a copy of `weight` from before the first merge (see `merge`);
             a plain attribute, so never in the state dict.
+        lora_original_bias: the same for `bias` (adapters with `lora_bias` merge into it).
     """
 
     base_class: ClassVar[type[nn.Module]]
@@ -58,6 +63,10 @@ class LoraLayer(nn.Module):
         """The adapter's contribution to this layer's output for input x."""
         raise NotImplementedError
 
+    def lora_groups(self) -> int:
+        """The groups of B (a grouped conv's; 1 elsewhere): reads only base attributes."""
+        return 1
+
     def to_weight_layout(self, delta: Tensor) -> Tensor:
         """Turn s * B A (out, in, *kernel) into the layout of `self.weight`."""
         return delta
@@ -76,6 +85,7 @@ class LoraLayer(nn.Module):
         module.lora_disabled = False
         module.lora_routing = None
         module.lora_original = None
+        module.lora_original_bias = None
         return module  # type: ignore[return-value]
 
     def restore(self) -> nn.Module:
@@ -91,6 +101,10 @@ class LoraLayer(nn.Module):
         if name in self.lora:
             raise AdapterError(f"adapter {name!r} already exists on this layer")
         adapter = self._build_adapter(name, config)
+        if config.init == "loftq":  # fitted to this layer's weight: see lorakit.loftq
+            from ..loftq import init_from_base
+
+            init_from_base(self, adapter)
         adapter.train(self.training)  # a new module starts in training mode; follow the layer's
         self.lora[name] = adapter
         self.lora_active = (*self.lora_active, name)
@@ -104,6 +118,8 @@ class LoraLayer(nn.Module):
         dtype = config.dtype or weight.dtype
         if config.use_dora:
             check_dora_layer(self)
+        if config.lora_bias:
+            check_lora_bias_layer(self)
         check_init(type(self), self, config)
         try:
             adapter = (DoRA if config.use_dora else LoRA)(
@@ -116,6 +132,8 @@ class LoraLayer(nn.Module):
                 init=config.init,
                 kernel_size=kernel,
                 embedding=self.is_embedding,
+                groups=self.lora_groups(),
+                lora_bias=config.lora_bias,
                 device=weight.device,
                 dtype=dtype,
             )
@@ -153,24 +171,45 @@ class LoraLayer(nn.Module):
         `lorakit.merge.merge` for the bound.
 
         Raises:
-            MergeError: the merged weight would hold NaN or inf; nothing of it is written.
+            MergeError: the merged weight would hold NaN or inf; nothing of it is written. Or
+                the layer cannot take an adapter (`merge_refusal`); nothing is written.
         """
         wanted = dict.fromkeys(self.lora_active if names is None else names)
         todo = [n for n in wanted if n not in self.lora_merged]
+        for name in todo:  # before any write
+            refusal = self.merge_refusal(name)
+            if refusal is not None:
+                raise MergeError(refusal)
         first = keep_original and bool(todo) and not self.lora_merged
         original = self.weight.detach().clone() if first else None
+        bias = getattr(self, "bias", None)
+        original_bias = bias.detach().clone() if first and bias is not None else None
         for name in todo:
             with torch.no_grad():
                 new = self._merge_step(self.weight, name)
-                if not new.is_meta and not torch.isfinite(new).all():
-                    raise MergeError(
-                        f"merging adapter {name!r} would write NaN or inf into a base weight "
-                        f"of shape {tuple(self.weight.shape)}; the weight is left unchanged"
-                    )
+                new_bias = None if bias is None else bias_step(self, bias, name)
+                self._check_finite(name, new, new_bias)
                 self.weight.copy_(new)
+                if new_bias is not None:
+                    bias.copy_(new_bias)
             self.lora_merged = (*self.lora_merged, name)
             if original is not None:  # kept only once a merge went in
                 self.lora_original, original = original, None
+                self.lora_original_bias = original_bias
+
+    def _check_finite(self, name: str, *tensors: Tensor | None) -> None:
+        """Refuse to write NaN or inf (a merged weight or bias) into the base."""
+        for t in tensors:
+            if t is not None and not t.is_meta and not torch.isfinite(t).all():
+                raise MergeError(
+                    f"merging adapter {name!r} would write NaN or inf into a base weight of "
+                    f"shape {tuple(self.weight.shape)}; the weight is left unchanged"
+                )
+
+    def merge_refusal(self, adapter_name: str) -> str | None:
+        """Why adapter `adapter_name` cannot be merged into this layer, or None: it can.
+        Here: a `lora_bias` with no base bias to take it."""
+        return no_bias_refusal(self, adapter_name)
 
     def unmerge(self, names: tuple[str, ...] | None = None) -> None:
         """Take merged adapters (default: all merged) out of `weight` again.
@@ -194,9 +233,40 @@ class LoraLayer(nn.Module):
                 for name in out:
                     delta = self.delta_weight(name)
                     self.weight.copy_(merged_weight(self.weight, delta, sign=-1))
+            self._unmerge_bias(out, keep)
         self.lora_merged = keep
         if not keep:
             self.lora_original = None  # free the copy: nothing is merged
+            self.lora_original_bias = None
+
+    def _unmerge_bias(self, out: list[str], keep: tuple[str, ...]) -> None:
+        """Take the lora biases of `out` out of `bias`: exact from the kept original bias
+        when `bias` is still it plus the merged ones, else by subtraction (rounds)."""
+        bias = getattr(self, "bias", None)
+        if bias is None or all(self.lora[n].lora_bias is None for n in out):
+            return
+        original = self._exact_original_bias()
+        if original is not None:
+            bias.copy_(with_biases(self, original, keep))
+            return
+        for name in out:
+            new = bias_step(self, bias, name, sign=-1)
+            if new is not None:
+                bias.copy_(new)
+
+    def _exact_original_bias(self) -> Tensor | None:
+        """The kept unmerged bias, if `bias` is still exactly it plus the merged lora biases."""
+        original = getattr(self, "lora_original_bias", None)
+        bias = getattr(self, "bias", None)
+        if original is None or bias is None or (original.shape, original.dtype) != (
+            bias.shape, bias.dtype
+        ):
+            return None
+        original = original.to(bias.device)
+        if bias.is_meta:
+            return original
+        same = torch.equal(with_biases(self, original, self.lora_merged), bias)
+        return original if same else None
 
     def _with_deltas(self, weight: Tensor, names: tuple[str, ...]) -> Tensor:
         """`weight` (unmerged) with `names` merged one by one in order, as `merge` does."""

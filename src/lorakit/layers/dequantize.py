@@ -65,3 +65,45 @@ def dequantized_weight(module: nn.Module) -> Tensor:
     if scales is None:  # after the first forward the scales live in the layer's state
         scales = module.state.SCB
     return int8_vectorwise_dequant(weight.data, scales.to(weight.device)).float()
+
+
+def full_precision_linear(
+    module: nn.Module, weight: Tensor | None = None, bias: Tensor | None = None
+) -> nn.Linear:
+    """A plain `nn.Linear` in place of bitsandbytes layer `module`: `weight` (default: the
+    layer's own, dequantized) and `bias` (default: the layer's own; given, it may add a bias
+    where the layer had none), stored in the dtype from before quantization. The weight is
+    frozen (a base weight); a bias keeps the layer's bias trainability, and the train mode."""
+    with torch.no_grad():
+        weight = dequantized_weight(module) if weight is None else weight
+        bias = module.bias if bias is None else bias
+        linear = nn.Linear(
+            module.in_features, module.out_features, bias is not None,
+            device=weight.device, dtype=original_dtype(module),
+        )  # fmt: skip
+        linear.weight.copy_(weight)
+        if bias is not None:
+            linear.bias.copy_(bias)
+            own = module.bias
+            linear.bias.requires_grad_(own is not None and own.requires_grad)
+    linear.weight.requires_grad_(False)
+    return linear.train(module.training)
+
+
+def dequantize_model(model: nn.Module) -> list[str]:
+    """Replace every bitsandbytes Linear4bit / Linear8bitLt left in `model` by a plain
+    `nn.Linear` (`full_precision_linear`), and drop transformers' record of the quantization
+    (`hf_quantizer`, `config.quantization_config`), so `save_pretrained` writes a plain
+    full-precision model. In place; returns the paths replaced.
+
+    (transformers' own `model.dequantize()` fails when no quantized layer is left, as after
+    `merge_and_unload` of an adapter on every linear layer.)
+    """
+    quantized = (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
+    paths = [name for name, m in model.named_modules() if isinstance(m, quantized)]
+    for path in paths:
+        model.set_submodule(path, full_precision_linear(model.get_submodule(path)))
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None:
+        quantizer.remove_quantization_config(model)
+    return paths

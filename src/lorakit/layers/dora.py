@@ -74,6 +74,21 @@ def row_norms(
         return squared.clamp_min_(0.0).sqrt_()
 
 
+def grouped_row_norms(rows: Tensor, A: Tensor, B: Tensor, scale: float) -> Tensor:
+    """PEFT's DoRA norms on a conv with groups > 1, detached: of W + s P row by row, with
+    P = (B viewed as (out / g, r)) @ (A as (r, in * k)), reshaped to W's (out, in / g * k).
+
+    That P is not the update B A (an ungrouped kernel, see `layers.conv`), but it is what PEFT
+    computes (its `_DoraConvNdLayer.get_lora_weight`); lorakit reproduces it so PEFT's grouped
+    DoRA adapters give PEFT's outputs. P is formed: grouped convs are small.
+    """
+    with torch.no_grad():
+        wide = _wide(rows.dtype, A.dtype)
+        rank = A.shape[0]
+        P = B.reshape(-1, rank).to(wide) @ A.reshape(rank, -1).to(wide)
+        return (rows.to(wide) + scale * P.reshape(rows.shape)).norm(dim=1)
+
+
 def magnitude_shape(b_shape: tuple[int, ...]) -> tuple[int, ...]:
     """PEFT's shape of m for B's shape: (out,), or (1, out, 1, ...) for a convolution, so it
     broadcasts over the conv output's channel dimension."""
@@ -117,7 +132,10 @@ class DoRA(LoRA):
         return value
 
     def norms(self, weight: Tensor, rows: Tensor) -> Tensor:
-        """||W_j + s (B A)_j||, detached, for `rows` (out, in), a view of `weight`."""
+        """||W_j + s (B A)_j||, detached, for `rows` (out, in), a view of `weight` (PEFT's
+        other norm on a grouped conv: `grouped_row_norms`)."""
+        if self.groups != 1:
+            return grouped_row_norms(rows, self.lora_A, self.lora_B, self.scaling)
         return row_norms(rows, self.lora_A, self.lora_B, self.scaling, self.weight_sq(weight, rows))
 
     def factor(self, weight: Tensor, rows: Tensor) -> Tensor:

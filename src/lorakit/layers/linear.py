@@ -26,7 +26,8 @@ class LinearLoraMixin(LoraLayer):
     low-rank term in the base's dtype, as autocast would, where the plain path upcasts x;
     the adapters' gradients still arrive in their own dtype. A DoRA adapter rides the fused
     path as the last active adapter, without dropout in training and with nothing merged: the
-    fused op without bias, then f * y + b (`layers.dora.dora_rescaled`).
+    fused op without bias, then f * y + b (`layers.dora.dora_rescaled`). Adapters with
+    `lora_bias` add s * b to the one bias the fused op takes (with DoRA: the plain path).
     """
 
     # The base class whose forward the fused op reproduces, and the layout of `weight`.
@@ -50,7 +51,7 @@ class LinearLoraMixin(LoraLayer):
         y = fused_lora_linear(
             x,
             self.weight,
-            None if dora else self.bias,
+            None if dora else _with_lora_biases(self.bias, adapters),
             tuple(a.lora_A for a in adapters),
             tuple(a.lora_B for a in adapters),
             tuple(a.scaling for a in adapters),
@@ -81,9 +82,21 @@ class LinearLoraMixin(LoraLayer):
             # training (PEFT's other form) and with W unmerged (its norm is of the base W)
             if type(adapter) is DoRA and (i < len(adapters) - 1 or _dropout_p(adapter) or merged):
                 return []
+            if type(adapter) is DoRA and any(a.lora_bias is not None for a in adapters):
+                return []  # the lora biases belong before DoRA's rescaling: the plain path
             if _dropout_p(adapter) > 0 and torch.compiler.is_compiling():
                 return []  # nn.Dropout compiles as is; the 16-bit CPU masks are eager-only
         return adapters
+
+
+def _with_lora_biases(bias: Tensor | None, adapters: list[LoRA]) -> Tensor | None:
+    """The base bias plus s * b of each adapter with lora_bias: the fused op adds one bias
+    (its gradient flows back to each b through the sum)."""
+    for adapter in adapters:
+        if adapter.lora_bias is not None:
+            term = adapter.lora_bias * adapter.scaling
+            bias = term if bias is None else bias + term
+    return bias
 
 
 def _dropout_p(adapter: LoRA) -> float:

@@ -21,6 +21,19 @@ def _check_scale(scale: float, dtype: torch.dtype) -> None:
         )
 
 
+def check_groups(rank: int, groups: int) -> int:
+    """PEFT's rule for a grouped conv: B splits the rank channels evenly among the groups."""
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups <= 0:
+        raise ConfigError(f"groups must be a positive integer, got {groups!r}")
+    if rank % groups:
+        raise ConfigError(
+            f"rank={rank} is not a multiple of the conv's groups={groups}: LoRA on a grouped "
+            "conv (as PEFT) splits the rank evenly among the groups; pick a rank divisible by "
+            f"{groups} (rank_pattern can set it for this layer) or do not target it"
+        )
+    return groups
+
+
 class LoRA(nn.Module):
     """The low-rank adapter delta(x) = s * B(A(drop(x))), with s = alpha / rank.
 
@@ -35,6 +48,10 @@ class LoRA(nn.Module):
         use_rslora: s = alpha / sqrt(rank). init: "kaiming" | "gaussian" | "zeros".
         kernel_size: a conv's kernel, () for a linear map.
         embedding: swap the init of A and B (PEFT's embedding rule).
+        groups: a grouped conv's groups (PEFT): B is then a grouped pointwise conv,
+            (out, rank / groups, *ones); rank must be a multiple of groups.
+        lora_bias: a trainable bias on B, `lora_bias` (out,), starting at zero (PEFT's
+            `lora_bias`, saved as `lora_B.bias`): delta(x) = s * (B(A(drop(x))) + b).
 
     Raises:
         ConfigError: an option is invalid; the message names it.
@@ -52,6 +69,8 @@ class LoRA(nn.Module):
         init: Init = "kaiming",
         kernel_size: tuple[int, ...] = (),
         embedding: bool = False,
+        groups: int = 1,
+        lora_bias: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -71,7 +90,9 @@ class LoRA(nn.Module):
         factory = {"device": device, "dtype": dtype}
         ones = (1,) * len(kernel_size)
         self.lora_A = nn.Parameter(torch.empty(rank, in_features, *kernel_size, **factory))
-        self.lora_B = nn.Parameter(torch.empty(out_features, rank, *ones, **factory))
+        self.groups = check_groups(rank, groups)
+        self.lora_B = nn.Parameter(torch.empty(out_features, rank // groups, *ones, **factory))
+        self.lora_bias = nn.Parameter(torch.empty(out_features, **factory)) if lora_bias else None
         # A0 and B0 of an init that moved s B0 A0 out of the base (see layers.weight_init)
         self.register_buffer("initial_A", None, persistent=False)
         self.register_buffer("initial_B", None, persistent=False)
@@ -111,7 +132,11 @@ class LoRA(nn.Module):
             return self._orthogonal()
         random, zero = (self.lora_B, self.lora_A) if self.embedding else (self.lora_A, self.lora_B)
         nn.init.zeros_(zero)
-        if self.init not in ("kaiming", "gaussian"):  # "zeros" and the weight-reading inits
+        if self.lora_bias is not None:
+            nn.init.zeros_(self.lora_bias)
+        # "zeros" and the weight-reading inits start at zero; "loftq" starts as "kaiming" and
+        # the layer then fits it to its weight (lorakit.loftq)
+        if self.init not in ("kaiming", "gaussian", "loftq"):
             nn.init.zeros_(random)
         elif self.init == "gaussian":
             nn.init.normal_(random, std=0.02)  # Edifice's init
@@ -142,14 +167,17 @@ class LoRA(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """s * B(A(drop(x))): (..., in_features) -> (..., out_features)."""
         x = self.dropout(x.to(self.lora_A.dtype))
-        return linear_delta(x, self.lora_A, self.lora_B, self.scaling)
+        y = linear_delta(x, self.lora_A, self.lora_B, self.scaling)
+        return y if self.lora_bias is None else y + self.lora_bias * self.scaling
 
     def delta_weight(self) -> Tensor:
-        """s * B A: (out, in, *kernel)."""
+        """s * B A: (out, in, *kernel); the ungrouped update for a grouped B."""
         return delta_weight(self.lora_A, self.lora_B, self.scaling)
 
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"rank={self.rank}, alpha={self.alpha}, scaling={self.scaling:g}"
+            + (f", groups={self.groups}" if self.groups != 1 else "")
+            + (", lora_bias=True" if self.lora_bias is not None else "")
         )

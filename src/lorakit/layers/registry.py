@@ -12,6 +12,7 @@ from .base import LoraLayer
 from .conv import ConvLoraMixin, LoRAConv1d, LoRAConv2d, LoRAConv3d
 from .embedding import EmbeddingLoraMixin, LoRAEmbedding
 from .linear import LinearLoraMixin, LoRALinear
+from .mha import LoRAMultiheadAttention, MultiheadAttentionLoraMixin, check_attention
 
 # Exact base class -> the named (importable, picklable) LoRA class.
 LORA_CLASSES: dict[type[nn.Module], type[LoraLayer]] = {
@@ -20,12 +21,14 @@ LORA_CLASSES: dict[type[nn.Module], type[LoraLayer]] = {
     nn.Conv1d: LoRAConv1d,
     nn.Conv2d: LoRAConv2d,
     nn.Conv3d: LoRAConv3d,
+    nn.MultiheadAttention: LoRAMultiheadAttention,
 }
 # Base family -> mixin, for subclasses of a supported type.
 _MIXINS: list[tuple[type[nn.Module] | tuple[type[nn.Module], ...], type[LoraLayer]]] = [
     (nn.Linear, LinearLoraMixin),
     (nn.Embedding, EmbeddingLoraMixin),
     ((nn.Conv1d, nn.Conv2d, nn.Conv3d), ConvLoraMixin),  # not _ConvNd: transposed convs differ
+    (nn.MultiheadAttention, MultiheadAttentionLoraMixin),
 ]
 
 try:  # GPT-2's Conv1D, when transformers is installed
@@ -88,11 +91,8 @@ def lora_class(module: nn.Module) -> type[LoraLayer]:
         )
     if issubclass(found, LinearLoraMixin) and isinstance(module, nn.Linear):
         _check_plain_weight(module, found)
-    groups = getattr(module, "groups", 1)
-    if issubclass(found, ConvLoraMixin) and groups != 1:
-        raise UnsupportedLayerError(
-            f"cannot adapt {cls.__name__} with groups={groups}: LoRA supports groups=1 convs"
-        )
+    if issubclass(found, MultiheadAttentionLoraMixin):
+        check_attention(module)
     return found
 
 
@@ -116,6 +116,8 @@ def _check_plain_weight(module: nn.Linear, found: type[LoraLayer]) -> None:
 def weight_shape(module: nn.Module) -> tuple[int, ...]:
     """The shape of `module`'s weight as the model sees it: a bitsandbytes 4-bit weight's
     original shape, not its packed codes', so quantized and full bases give one shape."""
+    if isinstance(module, nn.MultiheadAttention):  # its adapted weight: the in-projection
+        return tuple(module.in_proj_weight.shape)
     state = getattr(module.weight, "quant_state", None)
     shape = getattr(state, "shape", None)
     return tuple(shape) if shape is not None else tuple(module.weight.shape)

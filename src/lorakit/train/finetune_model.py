@@ -10,11 +10,14 @@ import torch
 from torch import nn
 
 from ..config import LoraConfig
+from ..errors import ConfigError
 from ..inject import inject
+from ..loftq import loftq_init
 from ..overview import InjectionReport
 from .finetune_data import FinetuneData
 from .finetune_inputs import FinetuneInputs
 from .grad_checkpoint import enable_gradient_checkpointing
+from .loftq_weights import FolderWeights
 from .model import load_model
 from .options import TrainOptions
 from .precision import load_dtype, upcast
@@ -43,6 +46,11 @@ def prepare_model(
     norms too (see `train.quantize`)."""
     torch.manual_seed(options.seed)  # the head's and the adapter's initial values
     lora = lora or DEFAULT_LORA
+    if lora.init == "loftq" and options.quantize == "none":
+        raise ConfigError(
+            "init='loftq' fits the adapter to the quantized base's rounding error and needs "
+            "--quantize nf4, fp4 or int8"
+        )
     quantization = quantization_config(
         options.quantize, options.precision == "bf16", keep=(*HEAD_NAMES, *lora.modules_to_save)
     )
@@ -59,12 +67,23 @@ def prepare_model(
         model.config.pad_token_id = data.pad  # seq-cls heads find the last real token with it
     if inputs.task == "seq-cls" and not lora.modules_to_save:
         lora = _with_head(lora, model)
-    report = inject(model, lora)
+    report = _inject(model, lora, inputs)
     if options.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     if options.precision == "bf16" or quantization is not None:
         upcast([model.get_submodule(path) for path in report.modules_to_save])
     return AdaptedModel(model, lora, report)
+
+
+def _inject(model: nn.Module, lora: LoraConfig, inputs: FinetuneInputs) -> InjectionReport:
+    """`inject`, and with init="loftq" on the quantized base, LoftQ from the float weights in
+    the model folder (the quantized layers hold only codes; see `lorakit.loftq`)."""
+    if lora.init != "loftq":
+        return inject(model, lora)
+    report = inject(model, dataclasses.replace(lora, init="kaiming"))
+    prefix = getattr(model, "base_model_prefix", "")
+    loftq_init(model, FolderWeights(inputs.model_dir, prefix))
+    return report
 
 
 def _with_head(lora: LoraConfig, model: nn.Module) -> LoraConfig:
