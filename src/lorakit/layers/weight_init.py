@@ -50,6 +50,8 @@ def check_init(cls: type[nn.Module], module: nn.Module, config: LoraConfig) -> N
     """Refuse `config.init` on `module` (to be adapted by LoRA class `cls`) where PEFT refuses
     it or lorakit cannot reproduce it; checked for every target before any weight changes."""
     init = config.init
+    if not reads_weight(init) and init != "orthogonal":
+        return
     if not isinstance(module._parameters.get("weight"), torch.Tensor):
         raise UnsupportedLayerError(  # e.g. nn.MultiheadAttention (PEFT fails there too)
             f"init={init!r} supports Linear, GPT-2 Conv1D and Embedding layers, not "
