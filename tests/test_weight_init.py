@@ -251,6 +251,11 @@ def test_for_original_base_refuses_inits_that_kept_the_base(init: str, tmp_path:
         lorakit.save_adapter(model, tmp_path, for_original_base=True)
 
 
+def _attention() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.ModuleDict({"mha": nn.MultiheadAttention(8, 2)})
+
+
 def _tied() -> nn.Module:
     model = tiny_llama()
     model.lm_head.weight = model.model.embed_tokens.weight
@@ -277,6 +282,11 @@ def _tied() -> nn.Module:
         (lambda: MLP().double(), ("lin1",), {"init": "olora"}, UnsupportedLayerError,
          r"init='olora' needs a float32, float16 or bfloat16 base weight, got Linear with "
          r"torch.float64"),
+        (_attention, ("mha",), {"init": "pissa"}, UnsupportedLayerError,
+         r"init='pissa' supports Linear, GPT-2 Conv1D and Embedding layers, not "
+         r"MultiheadAttention"),
+        (_attention, ("mha",), {"init": "orthogonal"}, UnsupportedLayerError,
+         r"init='orthogonal' supports .* not MultiheadAttention"),
         (_tied, ("lm_head",), {"init": "pissa"}, UnsupportedLayerError,
          r"rewrites the weight of 'lm_head', which is tied to \['model.embed_tokens'\]"),
     ],
@@ -339,9 +349,9 @@ def test_quantized_base_refuses_weight_inits(init: str, kind: str) -> None:
     assert model[0].lora["default"].lora_A.abs().sum() > 0
 
 
-@pytest.mark.parametrize("init", ["pissa", "olora", "mica", "orthogonal"])
+@pytest.mark.parametrize("init", ["pissa", "pissa_niter_16", "olora", "mica", "orthogonal"])
 def test_finetune_flag_takes_the_inits(init: str) -> None:
-    """`lorakit finetune --init` lists the `Init` names (pissa_niter_K only in Python)."""
+    """`lorakit finetune --init` takes the `Init` names and pissa_niter_K."""
     from lorakit.cli import build_parser
     from lorakit.cli.finetune import options_from_args
 
@@ -360,3 +370,18 @@ def test_mica_file_loads_with_b_frozen(tmp_path: Path) -> None:
     assert loaded.lin1.lora["default"].lora_A.requires_grad
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=ATOL)
+
+
+def test_finetune_flag_refuses_other_inits(capsys: pytest.CaptureFixture[str]) -> None:
+    from lorakit.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["finetune", "--init", "pissa_niter_x"])
+    assert "invalid choice: 'pissa_niter_x'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("init", ["pissa", "pissa_niter_2", "olora", "mica", "orthogonal"])
+def test_lora_bias_needs_the_default_init(init: str) -> None:
+    """PEFT: "lora_bias=True is only supported with init_lora_weights=True or False"."""
+    with pytest.raises(ConfigError, match=rf"lora_bias=True is not supported with init='{init}'"):
+        lorakit.LoraConfig(init=init, lora_bias=True)  # type: ignore[arg-type]

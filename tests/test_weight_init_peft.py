@@ -223,3 +223,13 @@ def test_other_variants_are_refused_by_name(key: str, tmp_path: Path) -> None:
     _edit_config(tmp_path, **{key: REFUSED_VARIANTS[key]})
     with pytest.raises(CheckpointError, match=rf"{key}=.* is a PEFT feature lorakit does not"):
         lorakit.load_adapter(MLP(), tmp_path)
+
+
+@pytest.mark.parametrize("init", ["corda", "lora_ga"])
+def test_data_driven_base_rewriting_inits_are_refused(init: str, tmp_path: Path) -> None:
+    model = MLP()
+    lorakit.inject(model, lorakit.LoraConfig(rank=4, targets=("lin1",)))
+    lorakit.save_adapter(model, tmp_path)
+    _edit_config(tmp_path, init_lora_weights=init)
+    with pytest.raises(CheckpointError, match=rf"init_lora_weights='{init}' rewrites the base"):
+        lorakit.load_adapter(MLP(), tmp_path)

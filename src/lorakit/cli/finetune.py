@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 from typing import Any, get_args
 
-from ..config import Bias, Init, LoraConfig
+from ..config import PISSA_NITER, Bias, Init, LoraConfig
 from ..train.options import DATA, TRAINING, TrainOptions
 from ..train.recipes import RECIPES, recipe
 from .dataclass_args import add_arguments, from_args
@@ -22,6 +22,13 @@ def _names(value: str) -> tuple[str, ...] | str:
     if value == "all-linear":
         return value
     return tuple(v.strip() for v in value.split(",") if v.strip())
+
+
+class _InitChoices(tuple):
+    """The `Init` names, as argparse lists them; "pissa_niter_K" is taken too."""
+
+    def __contains__(self, value: object) -> bool:
+        return tuple.__contains__(self, value) or bool(PISSA_NITER.fullmatch(str(value)))
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -64,7 +71,7 @@ def _add_lora_arguments(g: argparse._ArgumentGroup) -> None:
     add("--use-dora", "DoRA: a trained magnitude per output row", action="store_true")
     add("--lora-bias", "a trained bias on B (PEFT's lora_bias)", action="store_true")
     add("--bias", f"(default: {lora.bias})", choices=get_args(Bias))
-    add("--init", f"(default: {lora.init})", choices=get_args(Init))
+    add("--init", f"or pissa_niter_K (default: {lora.init})", choices=_InitChoices(get_args(Init)))
     add(
         "--dtype",
         'adapter dtype; "base" follows the base layer (default: float32)',

@@ -49,11 +49,19 @@ def _kind(cls: type[nn.Module], module: nn.Module) -> str:
 def check_init(cls: type[nn.Module], module: nn.Module, config: LoraConfig) -> None:
     """Refuse `config.init` on `module` (to be adapted by LoRA class `cls`) where PEFT refuses
     it or lorakit cannot reproduce it; checked for every target before any weight changes."""
-    init, kind = config.init, _kind(cls, module)
+    init = config.init
     if init == "loftq":  # its own checks: lorakit.loftq
         from ..loftq import check_loftq
 
         return check_loftq(cls, config.use_dora)
+    if not reads_weight(init) and init != "orthogonal":
+        return
+    if not isinstance(module._parameters.get("weight"), torch.Tensor):
+        raise UnsupportedLayerError(  # e.g. nn.MultiheadAttention (PEFT fails there too)
+            f"init={init!r} supports Linear, GPT-2 Conv1D and Embedding layers, not "
+            f"{type(module).__name__}"
+        )
+    kind = _kind(cls, module)
     if init == "orthogonal":
         if config.rank % 2:
             raise ConfigError(f"init='orthogonal' needs an even rank, got rank={config.rank}")
