@@ -26,7 +26,8 @@ depends only on the layers' state and on which tensor each member gets. So a for
 on the same input gives the same bits, and a recomputation under non-reentrant gradient
 checkpointing takes the same paths and saves the same tensors as the forward it replays. The
 leader's parts hold the input only weakly: a part nobody takes is dropped with its input, or
-at the next leader's call.
+at the next leader's call. Threads running one model at once stay exact (every part is
+checked against the tensor at hand), they only share less.
 """
 
 from __future__ import annotations
@@ -94,10 +95,10 @@ class SharedInputGroup:
         if not _adapter_can_share(layer, adapter, x):
             return None
         entry = self._entry
-        if entry is None or not entry.alive() or layer not in entry.parts:
+        part = entry.parts.pop(layer, None) if entry is not None and entry.alive() else None
+        if part is None:
             return self._lead(layer, x, adapter, self.members)
-        part = entry.parts.pop(layer)
-        if not entry.parts:
+        if not entry.parts and self._entry is entry:  # (another thread may have led since)
             self._entry = None
         unchanged = adapter.lora_A is part.param and part.param._version == part.version
         if entry.same_input(x) and unchanged:
