@@ -283,10 +283,9 @@ def _tied() -> nn.Module:
          r"init='olora' needs a float32, float16 or bfloat16 base weight, got Linear with "
          r"torch.float64"),
         (_attention, ("mha",), {"init": "pissa"}, UnsupportedLayerError,
-         r"init='pissa' supports Linear, GPT-2 Conv1D and Embedding layers, not "
-         r"MultiheadAttention"),
+         r"init='pissa' is not supported on nn.MultiheadAttention 'mha'.*no weight to read"),
         (_attention, ("mha",), {"init": "orthogonal"}, UnsupportedLayerError,
-         r"init='orthogonal' supports .* not MultiheadAttention"),
+         r"init='orthogonal' is not supported on nn.MultiheadAttention 'mha'"),
         (_tied, ("lm_head",), {"init": "pissa"}, UnsupportedLayerError,
          r"rewrites the weight of 'lm_head', which is tied to \['model.embed_tokens'\]"),
     ],

@@ -71,9 +71,10 @@ def _attention_out_proj(
         )
     if config.lora_bias or config.init not in ("kaiming", "gaussian", "zeros"):
         option = "lora_bias=True" if config.lora_bias else f"init={config.init!r}"
+        why = "PEFT ignores a lora_bias there" if config.lora_bias else "no weight to read"
         raise UnsupportedLayerError(
             f"{option} is not supported on nn.MultiheadAttention {name!r}: its deltas are "
-            "merged into the packed weights for each forward (PEFT ignores a lora_bias there)"
+            f"merged into the packed weights for each forward ({why})"
         )
     out_proj = module.out_proj
     lora_class(out_proj)
