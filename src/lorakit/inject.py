@@ -10,6 +10,7 @@ from .adapter_registry import adapter_configs, check_adapter_name, next_order, r
 from .config import LoraConfig
 from .errors import AdapterError, LorakitError
 from .layers import LoraLayer, lora_class
+from .layers.parameter import parameter_path
 from .overview import InjectionReport, trainable_parameters
 from .targets import find_targets, saved_paths
 from .tree import base_modules, lora_layers
@@ -69,7 +70,8 @@ def _add_adapters(
     for name, module in targets:
         try:
             layer = module if isinstance(module, LoraLayer) else lora_class(module).adapt(module)
-            register(layer.add_adapter(adapter_name, config.for_module(name)), order, config)
+            adapter = layer.add_adapter(adapter_name, config.for_module(parameter_path(name)))
+            register(adapter, order, config)
         except LorakitError as err:  # names the adapter and the value already
             raise type(err)(f"module {name!r}: {err}; the model is left as it was") from err
         except Exception as err:
@@ -92,7 +94,8 @@ class _Undo:
     def take(cls, model: nn.Module, targets: list[tuple[str, nn.Module]]) -> _Undo:
         modules = [m for _, m in targets]
         return cls(
-            fresh=[m for m in modules if not isinstance(m, LoraLayer)],
+            # an unattached ParamLoraLayer has no adapters yet: fresh too
+            fresh=[m for m in modules if not isinstance(m, LoraLayer) or not m.lora],
             targets=modules,
             active=[(layer, layer.lora_active) for _, layer in lora_layers(model)],
             requires_grad=[(p, p.requires_grad) for p in model.parameters()],

@@ -17,9 +17,11 @@ from torch import Tensor, nn
 from ..config import ALL_LINEAR, LoraConfig
 from ..layers import lora_class
 from ..layers.dora import magnitude_shape
+from ..layers.parameter import ParamLoraLayer, parameter_path
 from ..layers.registry import weight_shape
 from ..names import name_matches
 from ..tree import base_modules
+from .parameter_keys import parameter_prefixes
 from .peft_format import lora_keys, magnitude_key, param_key
 
 Kind = Literal["lora_A", "lora_B", "magnitude", "tensor"]
@@ -67,7 +69,14 @@ def plan(config: LoraConfig, modules: Modules, targets: Modules) -> dict[str, Sl
     `modules` is the model's `base_modules`, walked once by the caller."""
     slots: dict[str, Slot] = {}
     adapted = {path for path, _ in targets}
+    prefixes = parameter_prefixes(targets)
     for path, module in targets:
+        if isinstance(module, ParamLoraLayer):  # an adapted raw parameter: factors only
+            a_shape, b_shape = module.factor_shapes(config.for_module(parameter_path(path)).rank)
+            key_a, key_b = lora_keys(prefixes[path], embedding=False)
+            slots[key_a] = Slot("lora_A", path, "lora_A", a_shape)
+            slots[key_b] = Slot("lora_B", path, "lora_B", b_shape)
+            continue
         a_shape, b_shape = lora_shapes(module, config.for_module(path))
         key_a, key_b = lora_keys(path, lora_class(module).is_embedding)
         slots[key_a] = Slot("lora_A", path, "lora_A", a_shape)
@@ -114,7 +123,7 @@ def peft_targets(config: LoraConfig, modules: Modules, adapted: list[str]) -> st
 def base_shapes(targets: list[tuple[str, nn.Module]]) -> dict[str, list[int]]:
     """{path: weight shape} of the adapted layers: the base model's fingerprint material
     (a quantized weight's original shape, so a quantized and a full base agree)."""
-    return {path: list(weight_shape(module)) for path, module in targets}
+    return {parameter_path(path): list(weight_shape(module)) for path, module in targets}
 
 
 def factor_dtype(slots: Mapping[str, Slot], tensors: Mapping[str, Tensor]) -> torch.dtype:
