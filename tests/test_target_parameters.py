@@ -219,3 +219,13 @@ def test_param_layers_are_not_module_targets() -> None:
     assert all(isinstance(layer, ParamLoraLayer) for _, layer in lorakit.lora_layers(model))
     with pytest.raises(AdapterError):
         lorakit.inject(model, _config(target_parameters=("stack",)), adapter_name="default")
+
+
+@pytest.mark.parametrize("call", [
+    lambda m: lorakit.combine(m, ["default"], [1.0]),
+    lambda m: lorakit.compress(m, "default", rank=1),
+], ids=["combine", "compress"])  # fmt: skip
+def test_adapter_algebra_is_refused_as_peft_does(call) -> None:
+    model = _adapted()
+    with pytest.raises(ConfigError, match=r"adapts raw parameters \(target_parameters\)"):
+        call(model)

@@ -146,6 +146,11 @@ def _check_names(model: nn.Module, names: tuple[str, ...]) -> None:
                 f"adapter {name!r} is DoRA (use_dora=True); adapter algebra works on plain "
                 "LoRA adapters only"
             )
+        if configs[name].target_parameters:  # per-expert factors: PEFT refuses these too
+            raise ConfigError(
+                f"adapter {name!r} adapts raw parameters (target_parameters); adapter algebra "
+                "works on layer adapters only"
+            )
 
 
 def _check_combine(
