@@ -153,6 +153,11 @@ def _check_names(model: nn.Module, names: tuple[str, ...]) -> None:
                 f"adapter {name!r} has lora_bias=True; adapter algebra works on plain LoRA "
                 "adapters only"
             )
+        if configs[name].target_parameters:  # per-expert factors: PEFT refuses these too
+            raise ConfigError(
+                f"adapter {name!r} adapts raw parameters (target_parameters); adapter algebra "
+                "works on layer adapters only"
+            )
     for path, layer in lora_layers(model):
         if layer.lora_groups() != 1 and any(n in layer.lora for n in names):
             raise ConfigError(

@@ -184,6 +184,10 @@ class LoraConfig:
         lora_bias: a trainable bias on B (PEFT's name; saved as `lora_B.bias`): each adapted
             layer adds s * (B A x + b), and merging adds s * b to the base bias. Not with
             DoRA, the "gaussian" or "loftq" init (PEFT refuses them) or on embeddings.
+        target_parameters: raw 2-D / 3-D `nn.Parameter`s to adapt (PEFT's name), by full name
+            or name suffix, e.g. "experts.gate_up_proj" (a mixture-of-experts stack, one LoRA
+            per expert); see `lorakit.layers.parameter`. With it, `targets` may be empty;
+            dropout and DoRA are refused (PEFT's rule).
 
     Raises:
         ConfigError: an option has an invalid value; the message names it.
@@ -203,6 +207,7 @@ class LoraConfig:
     dtype: torch.dtype | None = torch.float32
     use_dora: bool = False
     lora_bias: bool = False
+    target_parameters: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen: normalise once, here
@@ -213,7 +218,8 @@ class LoraConfig:
             _compile(self.targets, "targets")
         else:
             set_(self, "targets", _as_tuple(self.targets, "targets"))
-            if not self.targets:
+            set_(self, "target_parameters", _as_parameters(self.target_parameters))
+            if not self.targets and not self.target_parameters:
                 raise ConfigError("targets must name at least one module, got []")
         if isinstance(self.exclude, str) and self.exclude:
             _compile(self.exclude, "exclude")
@@ -236,6 +242,8 @@ class LoraConfig:
         check_choice(self.bias, "bias", get_args(Bias))
         check_init(self.init)
         set_(self, "dtype", _as_dtype(self.dtype))
+        set_(self, "target_parameters", _as_parameters(self.target_parameters))
+        _check_parameter_options(self)
 
     def for_module(self, module_name: str) -> LoraConfig:
         """This config with `rank_pattern` / `alpha_pattern` applied for `module_name`."""
@@ -267,6 +275,36 @@ def _check_lora_bias(config: LoraConfig) -> None:
             f"lora_bias=True is not supported with init={config.init!r} (PEFT allows it only "
             "with its default init); use init='kaiming'"
         )
+
+
+def _as_parameters(value: object) -> tuple[str, ...]:
+    """`target_parameters` as a tuple of names; a bare str is refused, as PEFT does."""
+    if value is None:
+        return ()
+    if isinstance(value, str) or not isinstance(value, Sequence):
+        raise ConfigError(
+            f"target_parameters must be a list of parameter names, got {value!r}"
+        )
+    if not all(isinstance(v, str) and v and not v.startswith(".") for v in value):
+        raise ConfigError(
+            f"target_parameters must hold parameter names like 'experts.gate_up_proj', "
+            f"got {list(value)!r}"
+        )
+    return tuple(dict.fromkeys(value))
+
+
+def _check_parameter_options(config: LoraConfig) -> None:
+    """PEFT's refusals for adapted parameters: dropout cannot be applied to an input the
+    adapter never sees (the weight is replaced, not the output added to), and no DoRA."""
+    if not config.target_parameters:
+        return
+    if config.dropout:
+        raise ConfigError(
+            f"target_parameters does not work with dropout={config.dropout} (the adapted "
+            "parameter's input is never seen by the adapter); use dropout=0"
+        )
+    if config.use_dora:
+        raise ConfigError("target_parameters does not work with use_dora=True")
 
 
 def _compile(pattern: str, option: str, shown: str | None = None) -> re.Pattern[str]:

@@ -11,6 +11,7 @@ from .config import LoraConfig
 from .errors import AdapterError, LorakitError
 from .layers import LoraLayer, lora_class
 from .layers.mha import out_proj_owners
+from .layers.parameter import parameter_path
 from .layers.weight_init import check_init, check_untied, reads_weight, undo_weight_init
 from .overview import InjectionReport, trainable_parameters
 from .shared_input_links import link_siblings
@@ -88,7 +89,7 @@ def _add_adapters(
     for name, module in targets:
         try:
             layer = module if isinstance(module, LoraLayer) else lora_class(module).adapt(module)
-            module_config = config.for_module(owners.get(name, name))
+            module_config = config.for_module(parameter_path(owners.get(name, name)))
             register(layer.add_adapter(adapter_name, module_config), order, config)
         except LorakitError as err:  # names the adapter and the value already
             raise type(err)(f"module {name!r}: {err}; the model is left as it was") from err
@@ -112,7 +113,8 @@ class _Undo:
     def take(cls, model: nn.Module, targets: list[tuple[str, nn.Module]]) -> _Undo:
         modules = [m for _, m in targets]
         return cls(
-            fresh=[m for m in modules if not isinstance(m, LoraLayer)],
+            # an unattached ParamLoraLayer has no adapters yet: fresh too
+            fresh=[m for m in modules if not isinstance(m, LoraLayer) or not m.lora],
             targets=modules,
             active=[(layer, layer.lora_active) for _, layer in lora_layers(model)],
             requires_grad=[(p, p.requires_grad) for p in model.parameters()],

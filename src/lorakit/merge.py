@@ -89,7 +89,8 @@ def _check_untied(model: nn.Module) -> None:
         if weight is not None:
             users.setdefault(id(weight), []).append((name, module))
     for name, layer in lora_layers(model):
-        shared = [n for n, m in users.get(id(layer.weight), []) if m is not layer]
+        owner = getattr(layer, "lora_holder", layer)  # an adapted raw parameter's module
+        shared = [n for n, m in users.get(id(layer.weight), []) if m not in (layer, owner)]
         if layer.lora_active and shared:
             raise MergeError(
                 f"the weight of {name!r} is tied to {shared}; merging would change those "

@@ -9,7 +9,9 @@ from torch import nn
 from .config import ALL_LINEAR, LoraConfig
 from .errors import ConfigError, TargetNotFoundError, UnsupportedLayerError
 from .layers import LINEAR_TYPES, lora_class
+from .layers.parameter import ParamAdapters, ParamHolderMixin, ParamLoraLayer
 from .names import name_matches
+from .param_targets import find_param_targets
 from .tree import base_modules, output_head_names, parent_module
 
 _HINT_NAMES = 24  # how many adaptable layer names an error message lists
@@ -22,6 +24,8 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.Mod
         TargetNotFoundError: nothing matched, or a `modules_to_save` name matches no module;
             the message lists the names of the layers lorakit can adapt.
         UnsupportedLayerError: a matched module is of a type LoRA cannot adapt.
+
+    `config.target_parameters` adds `(path, ParamLoraLayer)` pairs (`find_param_targets`).
     """
     saved = saved_paths(model, config.modules_to_save, strict=True)
     heads = output_head_names(model)
@@ -29,6 +33,8 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.Mod
     for name, module in base_modules(model):
         if not name or name_matches(name, config.exclude):
             continue
+        if isinstance(module, (ParamAdapters, ParamLoraLayer)):
+            continue  # adapters of raw parameters: not layers of the model
         if any(name == s or name.startswith(s + ".") for s in saved):
             continue
         if config.targets == ALL_LINEAR:
@@ -47,10 +53,16 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.Mod
                 f"module {name.rpartition('.')[0]!r} itself to adapt its in- and out-projection "
                 "(as PEFT does)"
             )
+        if isinstance(module, ParamHolderMixin):
+            raise UnsupportedLayerError(
+                f"cannot adapt {name!r} as a layer: its parameters are adapted "
+                "(target_parameters); target the module or its parameters, not both"
+            )
         lora_class(module)  # raises for a type LoRA cannot adapt, before anything changes
         found.append((name, module))
         if isinstance(module, nn.MultiheadAttention):
             found.append(_attention_out_proj(name, module, config))
+    found += find_param_targets(model, config, found)
     if not found:
         raise TargetNotFoundError(
             f"targets={config.targets!r} matched no module of {type(model).__name__}; "
@@ -122,6 +134,8 @@ def adaptable_names(model: nn.Module) -> list[str]:
 
 
 def _adaptable(model: nn.Module, name: str, module: nn.Module) -> bool:
+    if isinstance(module, (ParamAdapters, ParamLoraLayer)):
+        return False
     if isinstance(parent_module(model, name), nn.MultiheadAttention):
         return False
     try:

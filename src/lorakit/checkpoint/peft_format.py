@@ -44,7 +44,6 @@ PEFT_KEYS = frozenset(
 UNSUPPORTED = (
     "layers_to_transform",
     "layer_replication",
-    "target_parameters",
     "trainable_token_indices",
     "alora_invocation_tokens",
     "use_qalora",
@@ -103,7 +102,7 @@ def to_peft(
         "inference_mode": True,
         "base_model_name_or_path": base_model_name_or_path,
         "task_type": None,
-    }
+    } | ({"target_parameters": list(config.target_parameters)} if config.target_parameters else {})
 
 
 def _number(x: float) -> int | float:
@@ -141,10 +140,11 @@ def from_peft(raw: Mapping[str, object], source: str) -> LoraConfig:
             f"{source}: init_lora_weights={init!r} rewrites the base weights; convert the "
             "adapter to plain LoRA with PEFT first"
         )
+    parameters = raw.get("target_parameters") or ()
     for key in ("r", "target_modules"):
-        if raw.get(key) is None:
+        if raw.get(key) is None and not (key == "target_modules" and parameters):
             raise CheckpointError(f"{source}: {key!r} is missing")
-    targets = raw["target_modules"]
+    targets = raw.get("target_modules") or ()
     if isinstance(targets, list):
         targets = tuple(dict.fromkeys(targets))  # PEFT writes sets as lists, maybe repeated
     saved = raw.get("modules_to_save") or ()
@@ -163,6 +163,7 @@ def from_peft(raw: Mapping[str, object], source: str) -> LoraConfig:
             bias=raw.get("bias", "none"),
             modules_to_save=tuple(dict.fromkeys(saved)),
             init=replayed or "zeros",  # the file's tensors overwrite both factors
+            target_parameters=tuple(parameters),
         )
     except (ValueError, TypeError) as err:
         raise CheckpointError(f"{source}: {err}") from None

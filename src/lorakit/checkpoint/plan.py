@@ -19,9 +19,11 @@ from ..layers import lora_class
 from ..layers.dora import magnitude_shape
 from ..layers.lora import check_groups
 from ..layers.mha import out_proj_owners, peft_module_path
+from ..layers.parameter import ParamLoraLayer, parameter_path
 from ..layers.registry import weight_shape
 from ..names import name_matches
 from ..tree import base_modules
+from .parameter_keys import parameter_prefixes
 from .peft_format import lora_bias_key, lora_keys, magnitude_key, param_key
 
 Kind = Literal["lora_A", "lora_B", "magnitude", "lora_bias", "tensor"]
@@ -77,7 +79,14 @@ def plan(config: LoraConfig, modules: Modules, targets: Modules) -> dict[str, Sl
     slots: dict[str, Slot] = {}
     adapted = {path for path, _ in targets}
     owners = out_proj_owners(targets)  # an MHA's out_proj: the MHA's rank, PEFT's key path
+    prefixes = parameter_prefixes(targets)
     for path, module in targets:
+        if isinstance(module, ParamLoraLayer):  # an adapted raw parameter: factors only
+            a_shape, b_shape = module.factor_shapes(config.for_module(parameter_path(path)).rank)
+            key_a, key_b = lora_keys(prefixes[path], embedding=False)
+            slots[key_a] = Slot("lora_A", path, "lora_A", a_shape)
+            slots[key_b] = Slot("lora_B", path, "lora_B", b_shape)
+            continue
         a_shape, b_shape = lora_shapes(module, config.for_module(owners.get(path, path)))
         embedding = lora_class(module).is_embedding
         key_a, key_b = lora_keys(peft_module_path(path, owners), embedding)
@@ -132,7 +141,7 @@ def peft_targets(config: LoraConfig, modules: Modules, adapted: list[str]) -> st
 def base_shapes(targets: list[tuple[str, nn.Module]]) -> dict[str, list[int]]:
     """{path: weight shape} of the adapted layers: the base model's fingerprint material
     (a quantized weight's original shape, so a quantized and a full base agree)."""
-    return {path: list(weight_shape(module)) for path, module in targets}
+    return {parameter_path(path): list(weight_shape(module)) for path, module in targets}
 
 
 def factor_dtype(slots: Mapping[str, Slot], tensors: Mapping[str, Tensor]) -> torch.dtype:

@@ -18,6 +18,7 @@ from ..adapter_registry import adapter_configs, check_adapter_name
 from ..config import LoraConfig
 from ..errors import AdapterError
 from ..layers import LoraLayer
+from ..layers.parameter import ParamLoraLayer
 from ..tree import base_modules
 from .atomic import atomic_write
 from .base_model import BaseModelInfo, describe_base, id2label_metadata
@@ -107,7 +108,8 @@ def _peft_config(
     """The adapter_config.json of the adapter `config` on `targets`, for the base `base`."""
     # GPT-2 Conv1D layers store W as (in, out); by the class flag, so transformers stays optional.
     fan_in_fan_out = any(getattr(layer, "weight_transposed", False) for _, layer in targets)
-    target_modules = peft_targets(config, modules, [p for p, _ in targets])
+    layers = [p for p, m in targets if not isinstance(m, ParamLoraLayer)]
+    target_modules = peft_targets(config, modules, layers)
     peft_config = to_peft(config, target_modules, fan_in_fan_out, base.name_or_path)
     peft_config["task_type"] = base.task_type
     return peft_config

@@ -41,6 +41,7 @@ FIELDS: dict[str, tuple[str, Callable[[object], bool]]] = {
         "a string or a list of strings", _optional(lambda v: isinstance(v, str) or _strings(v))
     ),
     "modules_to_save": ("a list of strings", _optional(_strings)),
+    "target_parameters": ("a list of strings", _optional(_strings)),
     "rank_pattern": ("an object of integers", _optional(_mapping(_int))),
     "alpha_pattern": ("an object of numbers", _optional(_mapping(_number))),
     "use_rslora": ("true or false", _optional(lambda v: isinstance(v, bool))),

@@ -101,27 +101,35 @@ def check_base(model: nn.Module, metadata: Mapping[str, str], weights: Path) -> 
     problems = []
     for path, shape in shapes.items():
         try:
-            here = weight_shape(model.get_submodule(path))
+            here = _weight_shape_at(model, path)
         except AttributeError:
             problems.append(f"{path!r} does not exist here")
             continue
         if list(here) != shape:
             problems.append(f"{path!r} weight is {tuple(shape)} there, {here} here")
     if problems:
-        here = fingerprint(
-            {p: list(weight_shape(model.get_submodule(p))) for p in shapes if _has(model, p)}
-        )
+        here = fingerprint({p: list(_weight_shape_at(model, p)) for p in shapes if _has(model, p)})
         raise CheckpointError(
             f"{folder} was saved for another base model (fingerprint "
             f"{metadata.get(META_FINGERPRINT)}, this model gives {here}): " + _listing(problems)
         )
 
 
+def _weight_shape_at(model: nn.Module, path: str) -> tuple[int, ...]:
+    """The weight shape of the layer at `path`, or of the parameter at `path` (an adapted raw
+    parameter, `target_parameters`); AttributeError when neither is there."""
+    try:
+        return weight_shape(model.get_submodule(path))
+    except AttributeError:
+        return tuple(model.get_parameter(path).shape)
+
+
 def _has(model: nn.Module, path: str) -> bool:
     try:
-        return hasattr(model.get_submodule(path), "weight")
+        _weight_shape_at(model, path)
     except AttributeError:
         return False
+    return True
 
 
 def check_tensors(slots: dict[str, Slot], tensors: Mapping[str, TensorInfo], folder: Path) -> None:
