@@ -19,21 +19,21 @@ Throughput: all completion tokens / the wall time from sending the first request
 answer. Latency: from sending (all requests go at once) to the full answer; p50 and p95.
 The server runs with --max-batch = --requests, so every request decodes in one batch.
 
-Measured (reduced sizes, on a 2-core machine shared with other jobs, load average ~9, so
-absolute figures are low and noisy; one run):
-`benchmarks/serve.py --requests 16 --prompt-tokens 64 --new-tokens 32 --threads 1`
+Measured at the issue's sizes, `benchmarks/serve.py --threads 1` (one thread; the machine's
+other core ran another job):
 
-| variant          | tokens/s | x (a) | p50 s | p95 s |
-| ---------------- | -------- | ----- | ----- | ----- |
-| (a) one adapter  | 11.5     | 1.00  | 44.6  | 44.6  |
-| (b) all adapters | 11.2     | 0.97  | 45.9  | 45.9  |
-| (d) base         | 13.4     | 1.16  | 38.3  | 38.3  |
-| (c) PEFT loop    | 2.8      | 0.24  | 97.5  | 176.9 |
+| variant          | tokens/s | x (a) | p50 s  | p95 s  | wall s |
+| ---------------- | -------- | ----- | ------ | ------ | ------ |
+| (a) one adapter  | 52.5     | 1.00  | 39.01  | 39.04  | 39.0   |
+| (b) all adapters | 52.8     | 1.01  | 38.72  | 38.75  | 38.8   |
+| (d) base         | 62.1     | 1.18  | 32.94  | 32.99  | 33.0   |
+| (c) PEFT loop    | 9.2      | 0.18  | 118.71 | 212.02 | 221.9  |
 
-(b)/(a) = 0.97 (target >= 0.85), (b)/(c) = 3.98 (target >= 3). Every request arrives at
+(b)/(a) = 1.01 (target >= 0.85), (b)/(c) = 5.73 (target >= 3). Every request arrives at
 once and decodes in one batch, so all finish together (p50 = p95). Prefills run one request
-at a time (16 x 64 tokens: most of the wall time here), so the fewer new tokens per prompt
-token, the smaller the gain over the loop: with 32 prompt and 8 new tokens (b)/(c) was 1.4.
+at a time, so the fewer new tokens per prompt token, the smaller the gain over the loop (at a
+quarter of the size, 16 requests, on a loaded machine: (b)/(a) 0.97, (b)/(c) 3.98; with 32
+prompt and 8 new tokens (b)/(c) was 1.4).
 """
 
 from __future__ import annotations
