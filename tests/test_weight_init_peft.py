@@ -203,7 +203,7 @@ def test_lorakit_file_loads_in_peft(case: Case, convert: bool, tmp_path: Path) -
 
 
 # PEFT's other LoRA variants (peft/tuners/lora/variants.py), with a value as its files hold
-# them: each refused at load, by the option's name (README: "PEFT variants lorakit refuses").
+# them: each refused at load, by the option's name (docs/peft-parity.md: "PEFT's LoRA variants").
 REFUSED_VARIANTS = {
     "velora_config": {"rank": 4, "num_groups": 2},
     "use_bdlora": {"nblocks": 2, "target_modules_bd_a": ["lin1"]},
