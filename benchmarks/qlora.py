@@ -21,7 +21,8 @@ Each cell is a fresh process (the variants alternate); a step is forward + backw
 AdamW on random token ids, timed after one warm-up step (median). Memory: the process's peak
 resident set during the steps (VmHWM reset after loading: the model and everything the steps
 allocate, not the loader's transient fp32 copy) on the CPU, `torch.cuda.max_memory_allocated`
-on CUDA.
+on CUDA; on the CPU also that peak above the process's resident set with every library
+imported and no model yet (what a GPU's allocator would count: tensors, not library code).
 """
 
 from __future__ import annotations
@@ -120,7 +121,21 @@ def reset_peak_rss() -> None:
         f.write("5")
 
 
+def libraries_rss_mib() -> float:
+    """Resident memory once every library any cell uses is imported, before a model exists:
+    the process's baseline, the same in every cell (a GPU's allocator never counts it)."""
+    import bitsandbytes  # noqa: F401
+    import peft  # noqa: F401
+    import transformers  # noqa: F401
+
+    import lorakit  # noqa: F401
+
+    gc.collect()
+    return _status_kib("VmRSS") / 1024
+
+
 def child(args: argparse.Namespace, base: str, lib: str) -> dict[str, float]:
+    baseline = libraries_rss_mib()
     device = args.device
     compute = torch.bfloat16 if device == "cuda" else torch.float32
     build = build_1b if args.model == "1b" else load_smollm2
@@ -153,7 +168,8 @@ def child(args: argparse.Namespace, base: str, lib: str) -> dict[str, float]:
         peak = torch.cuda.max_memory_allocated() / 2**20
     else:
         peak = _status_kib("VmHWM") / 1024
-    return {"step_s": statistics.median(times[1:]), "peak_mib": peak}
+    above = peak - baseline if device == "cpu" else peak
+    return {"step_s": statistics.median(times[1:]), "peak_mib": peak, "above_mib": above}
 
 
 def measure(args: argparse.Namespace, base: str, lib: str) -> dict[str, float]:
@@ -169,11 +185,13 @@ def measure(args: argparse.Namespace, base: str, lib: str) -> dict[str, float]:
 
 
 def report(results: dict[tuple[str, str], dict[str, float]], args: argparse.Namespace) -> str:
-    rows = [("base", "library", "step (s)", "peak memory (MiB)", "memory vs fp32 base")]
+    rows = [("base", "library", "step (s)", "peak memory (MiB)", "vs fp32 base",
+             "above libraries (MiB)", "vs fp32 base")]  # fmt: skip
     for base, lib in CELLS:
         r, fp32 = results[base, lib], results["fp32", lib]
         rows.append((base, lib, f"{r['step_s']:.2f}", f"{r['peak_mib']:.0f}",
-                     f"{r['peak_mib'] / fp32['peak_mib']:.2f}x"))  # fmt: skip
+                     f"{r['peak_mib'] / fp32['peak_mib']:.2f}x", f"{r['above_mib']:.0f}",
+                     f"{r['above_mib'] / fp32['above_mib']:.2f}x"))  # fmt: skip
     ratios = []
     for base in ("fp32", "nf4"):
         ours, theirs = results[base, "lorakit"], results[base, "peft"]
