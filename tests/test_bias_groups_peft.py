@@ -19,7 +19,8 @@ from pathlib import Path
 import peft
 import pytest
 import torch
-from conftest import VOCAB, tiny_gpt2
+from conftest import tiny_gpt2
+from peft_cross import model_output, tokens
 from torch import Tensor, nn
 
 import lorakit
@@ -74,10 +75,6 @@ def _features() -> Tensor:
     return torch.randn(3, 10, generator=torch.Generator().manual_seed(1))
 
 
-def _tokens() -> Tensor:
-    return torch.randint(0, VOCAB, (2, 7), generator=torch.Generator().manual_seed(1))
-
-
 @dataclass(frozen=True)
 class Case:
     id: str
@@ -97,7 +94,7 @@ CASES = [
     Case("mlp-lora-bias", MLP, ("lin0", "lin1"), _features, BIAS),
     Case("conv2d-lora-bias", lambda: ConvNet(2, (5, 10)), ("conv",), _images(5, 2), BIAS),
     Case("conv3d-lora-bias", lambda: ConvNet(3, (5, 10)), ("conv",), _images(5, 3), BIAS),
-    Case("gpt2-conv1d-lora-bias", tiny_gpt2, ("c_attn", "c_proj"), _tokens, BIAS,
+    Case("gpt2-conv1d-lora-bias", tiny_gpt2, ("c_attn", "c_proj"), tokens, BIAS,
          extra={"fan_in_fan_out": True}),
     Case("mlp-no-base-bias-lora-bias", lambda: MLP(bias=False), ("lin0", "lin1"), _features,
          BIAS, merges=False),
@@ -120,11 +117,6 @@ CASES = [
     Case("conv2d-groups2-dora-dropout", lambda: ConvNet(2, (16, 32), groups=2, padding=1, size=5),
          ("conv",), _images(16, 2, 5), DORA, extra={"lora_dropout": 0.3}, merges=False),
 ]  # fmt: skip
-
-
-def _out(model: nn.Module, x: Tensor) -> Tensor:
-    out = model(x)
-    return out if isinstance(out, Tensor) else out.logits
 
 
 def _nudge_adapters(model: nn.Module, seed: int) -> None:
@@ -164,8 +156,8 @@ def test_peft_file_loads_in_lorakit(case: Case, tmp_path: Path) -> None:
     x = case.x()
     model = lorakit.from_pretrained(case.make(), tmp_path).eval()
     with torch.no_grad():
-        assert not torch.allclose(_out(case.make(), x), _out(ref, x), atol=1e-3)
-        torch.testing.assert_close(_out(model, x), _out(ref, x), rtol=0, atol=ATOL)
+        assert not torch.allclose(model_output(case.make(), x), model_output(ref, x), atol=1e-3)
+        torch.testing.assert_close(model_output(model, x), model_output(ref, x), rtol=0, atol=ATOL)
         if case.merges:
             _check_same_merge(ref, model, x)
         else:
@@ -175,7 +167,9 @@ def test_peft_file_loads_in_lorakit(case: Case, tmp_path: Path) -> None:
 def _check_same_merge(ref: nn.Module, model: nn.Module, x: Tensor) -> None:
     merged_ref = copy.deepcopy(ref).merge_and_unload()
     merged = lorakit.merge_and_unload(copy.deepcopy(model))
-    torch.testing.assert_close(_out(merged, x), _out(merged_ref, x), rtol=0, atol=ATOL)
+    torch.testing.assert_close(
+        model_output(merged, x), model_output(merged_ref, x), rtol=0, atol=ATOL
+    )
     for name, weight in merged_ref.state_dict().items():
         torch.testing.assert_close(merged.state_dict()[name], weight, rtol=0, atol=ATOL)
 
@@ -187,7 +181,7 @@ def _check_both_refuse_merge(ref: nn.Module, model: nn.Module, x: Tensor) -> Non
     with pytest.raises(MergeError, match=r"cannot merge adapter 'default' into .*nothing was"):
         lorakit.merge(model)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
-    torch.testing.assert_close(_out(model, x), _out(ref, x), rtol=0, atol=ATOL)
+    torch.testing.assert_close(model_output(model, x), model_output(ref, x), rtol=0, atol=ATOL)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
@@ -199,8 +193,8 @@ def test_lorakit_file_loads_in_peft(case: Case, tmp_path: Path) -> None:
     x = case.x()
     ref = peft.PeftModel.from_pretrained(case.make(), tmp_path).eval()
     with torch.no_grad():
-        assert not torch.allclose(_out(case.make(), x), _out(model, x), atol=1e-3)
-        torch.testing.assert_close(_out(ref, x), _out(model, x), rtol=0, atol=ATOL)
+        assert not torch.allclose(model_output(case.make(), x), model_output(model, x), atol=1e-3)
+        torch.testing.assert_close(model_output(ref, x), model_output(model, x), rtol=0, atol=ATOL)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
@@ -250,7 +244,7 @@ def test_gradients_match_peft(case: Case, tmp_path: Path) -> None:
 
 
 def _grads(model: nn.Module, x: Tensor, rename: Callable[[str], str]) -> dict[str, Tensor]:
-    out = _out(model, x)
+    out = model_output(model, x)
     g = torch.randn(out.shape, generator=torch.Generator().manual_seed(2))
     named = [(rename(n), p) for n, p in model.named_parameters() if p.requires_grad]
     grads = torch.autograd.grad(out, [p for _, p in named], g)

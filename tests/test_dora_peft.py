@@ -12,25 +12,13 @@ from pathlib import Path
 import peft
 import pytest
 import torch
-from conftest import VOCAB, tiny_gpt2, tiny_llama
+from conftest import tiny_gpt2, tiny_llama
+from peft_cross import MLP, features, model_output, nudge_trainable, tokens
 from torch import Tensor, nn
 
 import lorakit
 
 ATOL = 1e-5
-
-
-class MLP(nn.Module):
-    """Two Linears, with and without bias, on float inputs."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.lin1 = nn.Linear(12, 16)
-        self.lin2 = nn.Linear(16, 10, bias=False)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.lin2(torch.tanh(self.lin1(x)))
 
 
 class ConvNet(nn.Module):
@@ -51,14 +39,6 @@ def _images(dims: int) -> Callable[[], Tensor]:
     return lambda: torch.randn(2, 3, *(4,) * dims, generator=torch.Generator().manual_seed(1))
 
 
-def _features() -> Tensor:
-    return torch.randn(3, 5, 12, generator=torch.Generator().manual_seed(1))
-
-
-def _tokens() -> Tensor:
-    return torch.randint(0, VOCAB, (2, 7), generator=torch.Generator().manual_seed(1))
-
-
 @dataclass(frozen=True)
 class Case:
     id: str
@@ -71,31 +51,17 @@ class Case:
 
 
 CASES = [
-    Case("linear-bias-and-not", MLP, ("lin1", "lin2"), _features),
-    Case("linear-rank1", MLP, ("lin1", "lin2"), _features, rank=1),
-    Case("linear-rslora-bias", MLP, ("lin1", "lin2"), _features,
+    Case("linear-bias-and-not", MLP, ("lin1", "lin2"), features),
+    Case("linear-rank1", MLP, ("lin1", "lin2"), features, rank=1),
+    Case("linear-rslora-bias", MLP, ("lin1", "lin2"), features,
          both={"use_rslora": True, "bias": "lora_only"}),
-    Case("gpt2-conv1d", tiny_gpt2, ("c_attn", "c_proj", "c_fc"), _tokens, rank=8,
+    Case("gpt2-conv1d", tiny_gpt2, ("c_attn", "c_proj", "c_fc"), tokens, rank=8,
          extra={"fan_in_fan_out": True}),
-    Case("llama-embedding", tiny_llama, ("embed_tokens", "q_proj", "down_proj"), _tokens),
+    Case("llama-embedding", tiny_llama, ("embed_tokens", "q_proj", "down_proj"), tokens),
     Case("conv2d", ConvNet, ("conv", "fc"), _images(2), rank=3),
     Case("conv1d", lambda: ConvNet(1), ("conv",), _images(1), rank=2),
     Case("conv3d", lambda: ConvNet(3), ("conv",), _images(3), rank=2),
 ]  # fmt: skip
-
-
-def _out(model: nn.Module, x: Tensor) -> Tensor:
-    out = model(x)
-    return out if isinstance(out, Tensor) else out.logits
-
-
-def _nudge_trainable(model: nn.Module, seed: int) -> None:
-    """Every trainable tensor (A, B and m) random, as after training."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=generator) * 0.1)
 
 
 def _peft_model(case: Case, dropout: float = 0.0) -> nn.Module:
@@ -104,7 +70,7 @@ def _peft_model(case: Case, dropout: float = 0.0) -> nn.Module:
         lora_dropout=dropout, **case.extra, **case.both,
     )  # fmt: skip
     model = peft.get_peft_model(case.make(), config)
-    _nudge_trainable(model, seed=5)
+    nudge_trainable(model, seed=5)
     return model
 
 
@@ -136,11 +102,13 @@ def test_peft_dora_loads_in_lorakit(case: Case, tmp_path: Path) -> None:
     x = case.x()
     model = lorakit.from_pretrained(case.make(), tmp_path).eval()
     with torch.no_grad():
-        assert not torch.allclose(_out(case.make(), x), _out(ref, x), atol=1e-3)
-        torch.testing.assert_close(_out(model, x), _out(ref, x), rtol=0, atol=ATOL)
+        assert not torch.allclose(model_output(case.make(), x), model_output(ref, x), atol=1e-3)
+        torch.testing.assert_close(model_output(model, x), model_output(ref, x), rtol=0, atol=ATOL)
         merged_ref = copy.deepcopy(ref).merge_and_unload()
         merged = lorakit.merge_and_unload(copy.deepcopy(model))
-        torch.testing.assert_close(_out(merged, x), _out(merged_ref, x), rtol=0, atol=ATOL)
+        torch.testing.assert_close(
+            model_output(merged, x), model_output(merged_ref, x), rtol=0, atol=ATOL
+        )
         for name, weight in merged_ref.state_dict().items():
             torch.testing.assert_close(merged.state_dict()[name], weight, rtol=0, atol=ATOL)
 
@@ -149,7 +117,7 @@ def test_peft_dora_loads_in_lorakit(case: Case, tmp_path: Path) -> None:
 def test_lorakit_dora_loads_in_peft(case: Case, tmp_path: Path) -> None:
     model = case.make()
     lorakit.inject(model, _lorakit_config(case))
-    _nudge_trainable(model, seed=6)
+    nudge_trainable(model, seed=6)
     lorakit.save_adapter(model, tmp_path)
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     assert config["use_dora"] is True
@@ -157,8 +125,8 @@ def test_lorakit_dora_loads_in_peft(case: Case, tmp_path: Path) -> None:
     ref = peft.PeftModel.from_pretrained(case.make(), tmp_path).eval()
     model.eval()
     with torch.no_grad():
-        assert not torch.allclose(_out(case.make(), x), _out(model, x), atol=1e-3)
-        torch.testing.assert_close(_out(ref, x), _out(model, x), rtol=0, atol=ATOL)
+        assert not torch.allclose(model_output(case.make(), x), model_output(model, x), atol=1e-3)
+        torch.testing.assert_close(model_output(ref, x), model_output(model, x), rtol=0, atol=ATOL)
 
 
 def _our_name(peft_name: str) -> str:
@@ -170,7 +138,7 @@ def _our_name(peft_name: str) -> str:
 
 
 def _grads(model: nn.Module, x: Tensor, rename: Callable[[str], str]) -> dict[str, Tensor]:
-    out = _out(model, x)
+    out = model_output(model, x)
     g = torch.randn(out.shape, generator=torch.Generator().manual_seed(2))
     named = [(rename(n), p) for n, p in model.named_parameters() if p.requires_grad]
     grads = torch.autograd.grad(out, [p for _, p in named], g)
@@ -207,7 +175,9 @@ def test_forward_matches_peft_in_float32_to_1e_6(tmp_path: Path) -> None:
     ref.save_pretrained(tmp_path)
     model = lorakit.from_pretrained(case.make(), tmp_path).eval()
     with torch.no_grad():
-        torch.testing.assert_close(_out(model, case.x()), _out(ref, case.x()), rtol=0, atol=1e-6)
+        torch.testing.assert_close(
+            model_output(model, case.x()), model_output(ref, case.x()), rtol=0, atol=1e-6
+        )
 
 
 def test_two_active_dora_adapters_match_peft(tmp_path: Path) -> None:
@@ -216,7 +186,7 @@ def test_two_active_dora_adapters_match_peft(tmp_path: Path) -> None:
     ref = _peft_model(case)
     ref.add_adapter("second", peft.LoraConfig(r=2, target_modules=["lin1"], use_dora=True))
     ref.set_adapter("second")
-    _nudge_trainable(ref, seed=9)
+    nudge_trainable(ref, seed=9)
     ref.save_pretrained(tmp_path)
     ref.base_model.set_adapter(["default", "second"])
     ref.eval()
@@ -227,9 +197,9 @@ def test_two_active_dora_adapters_match_peft(tmp_path: Path) -> None:
     model.eval()
     x = case.x()
     with torch.no_grad():
-        torch.testing.assert_close(_out(model, x), _out(ref, x), rtol=0, atol=ATOL)
+        torch.testing.assert_close(model_output(model, x), model_output(ref, x), rtol=0, atol=ATOL)
         ref.merge_adapter(["default", "second"])
         lorakit.merge(model)
-        torch.testing.assert_close(_out(model, x), _out(ref, x), rtol=0, atol=ATOL)
+        torch.testing.assert_close(model_output(model, x), model_output(ref, x), rtol=0, atol=ATOL)
         torch.testing.assert_close(model.lin1.weight, ref.base_model.model.lin1.base_layer.weight,
                                    rtol=0, atol=ATOL)  # fmt: skip

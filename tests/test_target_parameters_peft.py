@@ -13,6 +13,7 @@ import peft
 import pytest
 import torch
 from moe_models import RawNet, moe_tokens, raw_features, tiny_gpt_oss, tiny_mixtral
+from peft_cross import model_output, nudge_trainable
 from safetensors import safe_open
 from torch import Tensor, nn
 
@@ -48,20 +49,6 @@ CASES = [
 ]  # fmt: skip
 
 
-def _out(model: nn.Module, x: Tensor) -> Tensor:
-    out = model(x)
-    return out if isinstance(out, Tensor) else out.logits
-
-
-def _nudge_trainable(model: nn.Module, seed: int) -> None:
-    """Every trainable tensor random, as after training (B starts at zero)."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=generator) * 0.1)
-
-
 def _peft_config(case: Case) -> peft.LoraConfig:
     return peft.LoraConfig(
         r=case.rank, lora_alpha=2 * case.rank, target_modules=list(case.targets),
@@ -76,7 +63,7 @@ def _lorakit_config(case: Case) -> lorakit.LoraConfig:
 
 def _peft_model(case: Case) -> nn.Module:
     model = peft.get_peft_model(case.make(), _peft_config(case))
-    _nudge_trainable(model, seed=5)
+    nudge_trainable(model, seed=5)
     return model
 
 
@@ -103,13 +90,15 @@ def test_peft_file_loads_in_lorakit(case: Case, tmp_path: Path) -> None:
     x = case.x()
     model = lorakit.from_pretrained(case.make(), tmp_path).eval()
     with torch.no_grad():
-        assert not torch.allclose(_out(case.make(), x), _out(ref, x), atol=1e-3)
-        torch.testing.assert_close(_out(model, x), _out(ref, x), rtol=0, atol=ATOL)
+        assert not torch.allclose(model_output(case.make(), x), model_output(ref, x), atol=1e-3)
+        torch.testing.assert_close(model_output(model, x), model_output(ref, x), rtol=0, atol=ATOL)
         merged_ref = copy.deepcopy(ref).merge_and_unload()
         merged = lorakit.merge_and_unload(copy.deepcopy(model))
         assert type(merged.get_submodule(_holder(case))) is type(case.make().get_submodule(
             _holder(case)))  # fmt: skip
-        torch.testing.assert_close(_out(merged, x), _out(merged_ref, x), rtol=0, atol=ATOL)
+        torch.testing.assert_close(
+            model_output(merged, x), model_output(merged_ref, x), rtol=0, atol=ATOL
+        )
         want = merged_ref.state_dict()
         assert merged.state_dict().keys() == want.keys()
         for name, weight in merged.state_dict().items():
@@ -124,17 +113,17 @@ def _holder(case: Case) -> str:
 def test_lorakit_file_loads_in_peft(case: Case, tmp_path: Path) -> None:
     model = case.make()
     lorakit.inject(model, _lorakit_config(case))
-    _nudge_trainable(model, seed=6)
+    nudge_trainable(model, seed=6)
     lorakit.save_adapter(model, tmp_path)
     x = case.x()
     ref = peft.PeftModel.from_pretrained(case.make(), tmp_path).eval()
     model.eval()
     with torch.no_grad():
-        assert not torch.allclose(_out(case.make(), x), _out(model, x), atol=1e-3)
-        torch.testing.assert_close(_out(ref, x), _out(model, x), rtol=0, atol=ATOL)
+        assert not torch.allclose(model_output(case.make(), x), model_output(model, x), atol=1e-3)
+        torch.testing.assert_close(model_output(ref, x), model_output(model, x), rtol=0, atol=ATOL)
         ref.merge_adapter()
         lorakit.merge(model)
-        torch.testing.assert_close(_out(ref, x), _out(model, x), rtol=0, atol=ATOL)
+        torch.testing.assert_close(model_output(ref, x), model_output(model, x), rtol=0, atol=ATOL)
 
 
 def _peft_names(model: nn.Module) -> dict[str, str]:
@@ -151,7 +140,7 @@ def _peft_names(model: nn.Module) -> dict[str, str]:
 
 
 def _grads(model: nn.Module, x: Tensor) -> dict[str, Tensor | None]:
-    out = _out(model, x)
+    out = model_output(model, x)
     out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(2)))
     return {n: p.grad for n, p in model.named_parameters()}
 

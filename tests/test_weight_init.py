@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import VOCAB, tiny_gpt2, tiny_llama
+from conftest import tiny_gpt2, tiny_llama
+from peft_cross import features, model_output, tokens
 from torch import Tensor, nn
 
 import lorakit
@@ -37,14 +38,6 @@ class MLP(nn.Module):
         return self.lin2(torch.tanh(self.lin1(x)))
 
 
-def _features() -> Tensor:
-    return torch.randn(3, 5, 12, generator=torch.Generator().manual_seed(1))
-
-
-def _tokens() -> Tensor:
-    return torch.randint(0, VOCAB, (2, 7), generator=torch.Generator().manual_seed(1))
-
-
 @dataclass(frozen=True)
 class Case:
     id: str
@@ -54,14 +47,9 @@ class Case:
 
 
 CASES = [
-    Case("linear", MLP, ("lin1", "lin2"), _features),
-    Case("gpt2-conv1d", tiny_gpt2, ("c_attn", "c_proj", "c_fc"), _tokens),
+    Case("linear", MLP, ("lin1", "lin2"), features),
+    Case("gpt2-conv1d", tiny_gpt2, ("c_attn", "c_proj", "c_fc"), tokens),
 ]
-
-
-def _out(model: nn.Module, x: Tensor) -> Tensor:
-    out = model(x)
-    return out if isinstance(out, Tensor) else out.logits
 
 
 def _config(init: str, targets: tuple[str, ...], **kw: object) -> lorakit.LoraConfig:
@@ -86,11 +74,11 @@ def _matrix(layer: nn.Module) -> Tensor:
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_output_unchanged_at_init(case: Case, init: str) -> None:
     x, model = case.x(), case.make()
-    before = _out(model, x)
+    before = model_output(model, x)
     torch.manual_seed(3)
     lorakit.inject(model, _config(init, case.targets))
     with torch.no_grad():
-        torch.testing.assert_close(_out(model, x), before, rtol=0, atol=ATOL)
+        torch.testing.assert_close(model_output(model, x), before, rtol=0, atol=ATOL)
 
 
 @pytest.mark.parametrize("init", MOVING)
@@ -122,7 +110,7 @@ def test_base_becomes_residual(init: str) -> None:
     torch.testing.assert_close(top, S[4], rtol=0, atol=ATOL)
 
 
-MICA_CASES = [*CASES, Case("embedding", tiny_llama, ("embed_tokens",), _tokens)]
+MICA_CASES = [*CASES, Case("embedding", tiny_llama, ("embed_tokens",), tokens)]
 
 
 @pytest.mark.parametrize("case", MICA_CASES, ids=[c.id for c in MICA_CASES])
@@ -167,7 +155,7 @@ def test_orthogonal_factors() -> None:
 def test_merge_unload_and_disable(init: str) -> None:
     """merge_and_unload gives the trained model on the original W; unload (and disabled)
     the residual base, as in PEFT."""
-    x = _features()
+    x = features()
     model = MLP()
     lorakit.inject(model, _config(init, ("lin1", "lin2")))
     residual = {n: model.get_submodule(n).weight.detach().clone() for n in ("lin1", "lin2")}
@@ -199,7 +187,9 @@ def test_saved_adapter_replays_on_original_base(case: Case, init: str, tmp_path:
     torch.manual_seed(3)
     loaded = lorakit.load_adapter(base, tmp_path)
     with torch.no_grad():
-        torch.testing.assert_close(_out(loaded, x), _out(model, x), rtol=0, atol=ATOL)
+        torch.testing.assert_close(
+            model_output(loaded, x), model_output(model, x), rtol=0, atol=ATOL
+        )
 
 
 @pytest.mark.parametrize("init", MOVING)
@@ -212,7 +202,7 @@ def test_saved_adapter_replays_on_original_base(case: Case, init: str, tmp_path:
 def test_for_original_base(init: str, options: dict, tmp_path: Path) -> None:
     """The converted adapter (rank 2r, scale kept) on the ORIGINAL base = the trained adapter
     on the residual base; it is plain LoRA (init True) and mixes with other adapters."""
-    x = _features()
+    x = features()
     model = MLP()
     lorakit.inject(model, _config(init, ("lin1", "lin2"), **options))
     _train(model)
@@ -231,7 +221,7 @@ def test_for_original_base(init: str, options: dict, tmp_path: Path) -> None:
 
 def test_for_original_base_after_load(tmp_path: Path) -> None:
     """A PiSSA adapter loaded from its file converts too (the replay keeps A0 and B0)."""
-    x = _features()
+    x = features()
     model = MLP()
     lorakit.inject(model, _config("pissa", ("lin1",)))
     _train(model)
@@ -359,7 +349,7 @@ def test_finetune_flag_takes_the_inits(init: str) -> None:
 
 
 def test_mica_file_loads_with_b_frozen(tmp_path: Path) -> None:
-    x = _features()
+    x = features()
     model = MLP()
     lorakit.inject(model, _config("mica", ("lin1", "lin2")))
     _train(model)

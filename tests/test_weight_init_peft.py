@@ -13,7 +13,8 @@ from pathlib import Path
 import peft
 import pytest
 import torch
-from conftest import VOCAB, tiny_gpt2, tiny_llama
+from conftest import tiny_gpt2, tiny_llama
+from peft_cross import MLP, features, model_output, tokens
 from test_checkpoint import _edit_config
 from test_dora_peft import _our_name
 from torch import Tensor, nn
@@ -22,25 +23,6 @@ import lorakit
 from lorakit import CheckpointError
 
 ATOL = 1e-5
-
-
-class MLP(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.lin1 = nn.Linear(12, 16)
-        self.lin2 = nn.Linear(16, 10, bias=False)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.lin2(torch.tanh(self.lin1(x)))
-
-
-def _features() -> Tensor:
-    return torch.randn(3, 5, 12, generator=torch.Generator().manual_seed(1))
-
-
-def _tokens() -> Tensor:
-    return torch.randint(0, VOCAB, (2, 7), generator=torch.Generator().manual_seed(1))
 
 
 @dataclass(frozen=True)
@@ -56,23 +38,18 @@ class Case:
 
 GPT2 = {"fan_in_fan_out": True}
 CASES = [
-    Case("linear-pissa", "pissa", MLP, ("lin1", "lin2"), _features),
-    Case("linear-olora", "olora", MLP, ("lin1", "lin2"), _features),
-    Case("linear-mica", "mica", MLP, ("lin1", "lin2"), _features),
-    Case("linear-pissa-dora", "pissa", MLP, ("lin1", "lin2"), _features, both={"use_dora": True}),
-    Case("linear-olora-rslora", "olora", MLP, ("lin1",), _features, both={"use_rslora": True}),
-    Case("gpt2-pissa", "pissa", tiny_gpt2, ("c_attn", "c_proj", "c_fc"), _tokens, GPT2),
-    Case("gpt2-mica", "mica", tiny_gpt2, ("c_attn", "c_proj"), _tokens, GPT2),
-    Case("llama-pissa", "pissa", tiny_llama, ("q_proj", "down_proj"), _tokens),
-    Case("llama-olora", "olora", tiny_llama, ("q_proj", "down_proj"), _tokens),
-    Case("llama-embedding-mica", "mica", tiny_llama, ("embed_tokens", "q_proj"), _tokens),
+    Case("linear-pissa", "pissa", MLP, ("lin1", "lin2"), features),
+    Case("linear-olora", "olora", MLP, ("lin1", "lin2"), features),
+    Case("linear-mica", "mica", MLP, ("lin1", "lin2"), features),
+    Case("linear-pissa-dora", "pissa", MLP, ("lin1", "lin2"), features, both={"use_dora": True}),
+    Case("linear-olora-rslora", "olora", MLP, ("lin1",), features, both={"use_rslora": True}),
+    Case("gpt2-pissa", "pissa", tiny_gpt2, ("c_attn", "c_proj", "c_fc"), tokens, GPT2),
+    Case("gpt2-mica", "mica", tiny_gpt2, ("c_attn", "c_proj"), tokens, GPT2),
+    Case("llama-pissa", "pissa", tiny_llama, ("q_proj", "down_proj"), tokens),
+    Case("llama-olora", "olora", tiny_llama, ("q_proj", "down_proj"), tokens),
+    Case("llama-embedding-mica", "mica", tiny_llama, ("embed_tokens", "q_proj"), tokens),
 ]
 MOVING = [c for c in CASES if c.init != "mica"]
-
-
-def _out(model: nn.Module, x: Tensor) -> Tensor:
-    out = model(x)
-    return out if isinstance(out, Tensor) else out.logits
 
 
 def _peft_config(case: Case, init: object = None) -> peft.LoraConfig:
@@ -117,7 +94,7 @@ def test_same_factors_and_residual_as_peft(case: Case) -> None:
 def test_seeded_inits_draw_as_peft(init: str) -> None:
     """The random inits make PEFT's draws from the global generator (also those of the
     nn.Linear PEFT builds first), so a seeded model gets PEFT's factors and residual."""
-    case = Case(init, init, MLP, ("lin1", "lin2"), _features)
+    case = Case(init, init, MLP, ("lin1", "lin2"), features)
     base = case.make()
     torch.manual_seed(11)
     ref = peft.get_peft_model(base, _peft_config(case))
@@ -132,7 +109,7 @@ def test_seeded_inits_draw_as_peft(init: str) -> None:
 def test_seeded_fast_svd_file_loads_as_in_peft(tmp_path: Path) -> None:
     """A PEFT "pissa_niter_K" file: each loader replays a fresh random SVD; under one seed
     lorakit's equals PEFT's own reload."""
-    case = Case("niter", "pissa_niter_2", MLP, ("lin1", "lin2"), _features)
+    case = Case("niter", "pissa_niter_2", MLP, ("lin1", "lin2"), features)
     ref = peft.get_peft_model(case.make(), _peft_config(case))
     _train(ref, seed=5)
     ref.save_pretrained(tmp_path)
@@ -142,7 +119,9 @@ def test_seeded_fast_svd_file_loads_as_in_peft(tmp_path: Path) -> None:
     torch.manual_seed(12)
     model = lorakit.load_adapter(other, tmp_path).eval()
     with torch.no_grad():
-        torch.testing.assert_close(_out(model, x), _out(again, x), rtol=0, atol=ATOL)
+        torch.testing.assert_close(
+            model_output(model, x), model_output(again, x), rtol=0, atol=ATOL
+        )
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
@@ -156,11 +135,13 @@ def test_peft_file_loads_on_original_base(case: Case, tmp_path: Path) -> None:
     model = lorakit.load_adapter(case.make(), tmp_path).eval()
     again = peft.PeftModel.from_pretrained(case.make(), tmp_path).eval()
     with torch.no_grad():
-        torch.testing.assert_close(_out(model, x), _out(ref, x), rtol=0, atol=ATOL)
-        torch.testing.assert_close(_out(again, x), _out(ref, x), rtol=0, atol=ATOL)
+        torch.testing.assert_close(model_output(model, x), model_output(ref, x), rtol=0, atol=ATOL)
+        torch.testing.assert_close(model_output(again, x), model_output(ref, x), rtol=0, atol=ATOL)
         merged = lorakit.merge_and_unload(copy.deepcopy(model))
         merged_ref = copy.deepcopy(ref).merge_and_unload()
-        torch.testing.assert_close(_out(merged, x), _out(merged_ref, x), rtol=0, atol=ATOL)
+        torch.testing.assert_close(
+            model_output(merged, x), model_output(merged_ref, x), rtol=0, atol=ATOL
+        )
 
 
 @pytest.mark.parametrize("case", MOVING, ids=[c.id for c in MOVING])
@@ -184,7 +165,7 @@ def test_peft_converted_file_loads_on_original_base(case: Case, tmp_path: Path) 
         return
     model = lorakit.load_adapter(case.make(), tmp_path / "converted").eval()
     with torch.no_grad():
-        torch.testing.assert_close(_out(model, x), _out(ref, x), rtol=0, atol=ATOL)
+        torch.testing.assert_close(model_output(model, x), model_output(ref, x), rtol=0, atol=ATOL)
 
 
 @pytest.mark.parametrize("convert", [False, True], ids=["as-trained", "for-original-base"])
@@ -199,7 +180,9 @@ def test_lorakit_file_loads_in_peft(case: Case, convert: bool, tmp_path: Path) -
     x = case.x()
     ref = peft.PeftModel.from_pretrained(case.make(), tmp_path).eval()
     with torch.no_grad():
-        torch.testing.assert_close(_out(ref, x), _out(model.eval(), x), rtol=0, atol=ATOL)
+        torch.testing.assert_close(
+            model_output(ref, x), model_output(model.eval(), x), rtol=0, atol=ATOL
+        )
 
 
 # PEFT's other LoRA variants (peft/tuners/lora/variants.py), with a value as its files hold
