@@ -1,11 +1,16 @@
 """Pieces the cross tests against `peft` share: a small MLP, seeded inputs, the output of a
-model as one tensor, and trainable tensors moved off their initial values."""
+model as one tensor, trainable tensors moved off their initial values, and the check that
+both libraries merge alike."""
 
 from __future__ import annotations
+
+import copy
 
 import torch
 from conftest import VOCAB
 from torch import Tensor, nn
+
+import lorakit
 
 
 class MLP(nn.Module):
@@ -44,3 +49,15 @@ def nudge_trainable(model: nn.Module, seed: int) -> None:
         for p in model.parameters():
             if p.requires_grad:
                 p.add_(torch.randn(p.shape, generator=generator) * 0.1)
+
+
+def assert_same_merge(ref: nn.Module, model: nn.Module, x: Tensor, atol: float) -> None:
+    """PEFT's `merge_and_unload` of `ref` and lorakit's of `model` (both on copies) give the
+    same outputs for x and the same tensors under PEFT's names."""
+    merged_ref = copy.deepcopy(ref).merge_and_unload()
+    merged = lorakit.merge_and_unload(copy.deepcopy(model))
+    torch.testing.assert_close(
+        model_output(merged, x), model_output(merged_ref, x), rtol=0, atol=atol
+    )
+    for name, weight in merged_ref.state_dict().items():
+        torch.testing.assert_close(merged.state_dict()[name], weight, rtol=0, atol=atol)

@@ -20,7 +20,7 @@ import peft
 import pytest
 import torch
 from conftest import tiny_gpt2
-from peft_cross import model_output, tokens
+from peft_cross import assert_same_merge, model_output, tokens
 from torch import Tensor, nn
 
 import lorakit
@@ -159,19 +159,9 @@ def test_peft_file_loads_in_lorakit(case: Case, tmp_path: Path) -> None:
         assert not torch.allclose(model_output(case.make(), x), model_output(ref, x), atol=1e-3)
         torch.testing.assert_close(model_output(model, x), model_output(ref, x), rtol=0, atol=ATOL)
         if case.merges:
-            _check_same_merge(ref, model, x)
+            assert_same_merge(ref, model, x, ATOL)
         else:
             _check_both_refuse_merge(ref, model, x)
-
-
-def _check_same_merge(ref: nn.Module, model: nn.Module, x: Tensor) -> None:
-    merged_ref = copy.deepcopy(ref).merge_and_unload()
-    merged = lorakit.merge_and_unload(copy.deepcopy(model))
-    torch.testing.assert_close(
-        model_output(merged, x), model_output(merged_ref, x), rtol=0, atol=ATOL
-    )
-    for name, weight in merged_ref.state_dict().items():
-        torch.testing.assert_close(merged.state_dict()[name], weight, rtol=0, atol=ATOL)
 
 
 def _check_both_refuse_merge(ref: nn.Module, model: nn.Module, x: Tensor) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 import re
 from collections.abc import Callable
@@ -13,7 +12,7 @@ import peft
 import pytest
 import torch
 from conftest import tiny_gpt2, tiny_llama
-from peft_cross import MLP, features, model_output, nudge_trainable, tokens
+from peft_cross import MLP, assert_same_merge, features, model_output, nudge_trainable, tokens
 from torch import Tensor, nn
 
 import lorakit
@@ -104,13 +103,7 @@ def test_peft_dora_loads_in_lorakit(case: Case, tmp_path: Path) -> None:
     with torch.no_grad():
         assert not torch.allclose(model_output(case.make(), x), model_output(ref, x), atol=1e-3)
         torch.testing.assert_close(model_output(model, x), model_output(ref, x), rtol=0, atol=ATOL)
-        merged_ref = copy.deepcopy(ref).merge_and_unload()
-        merged = lorakit.merge_and_unload(copy.deepcopy(model))
-        torch.testing.assert_close(
-            model_output(merged, x), model_output(merged_ref, x), rtol=0, atol=ATOL
-        )
-        for name, weight in merged_ref.state_dict().items():
-            torch.testing.assert_close(merged.state_dict()[name], weight, rtol=0, atol=ATOL)
+        assert_same_merge(ref, model, x, ATOL)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
