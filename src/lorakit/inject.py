@@ -12,7 +12,12 @@ from .errors import AdapterError, LorakitError
 from .layers import LoraLayer, lora_class
 from .layers.mha import out_proj_owners
 from .layers.parameter import parameter_path
-from .layers.weight_init import check_init, check_untied, reads_weight, undo_weight_init
+from .layers.weight_init import (
+    check_init_on_layer,
+    check_untied,
+    reads_weight,
+    undo_weight_init,
+)
 from .overview import InjectionReport, trainable_parameters
 from .shared_input_links import link_siblings
 from .targets import find_targets, saved_paths
@@ -74,7 +79,7 @@ def _check_inits(
     """Refuse an init that does not fit some target before any base weight is rewritten."""
     for name, module in targets:
         try:
-            check_init(lora_class(module), module, config.for_module(name))
+            check_init_on_layer(lora_class(module), module, config.for_module(name))
         except LorakitError as err:
             raise type(err)(f"module {name!r}: {err}; the model is left as it was") from err
     check_untied(model, targets, config.init)

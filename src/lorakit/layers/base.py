@@ -22,7 +22,7 @@ from .dora import DoRA, check_dora_layer, dora_forward, dora_merged, dora_unmerg
 from .lora import LoRA
 from .lora_bias import bias_step, check_lora_bias_layer, no_bias_refusal, with_biases
 from .routing_hook import RoutingHook
-from .weight_init import apply_weight_init, check_init
+from .weight_init import apply_weight_init, check_init_on_layer
 
 # The plain attributes `adapt` adds (besides the `lora` ModuleDict) and `restore` removes.
 _STATE = (
@@ -121,7 +121,7 @@ class LoraLayer(nn.Module):
             check_dora_layer(self)
         if config.lora_bias:
             check_lora_bias_layer(self)
-        check_init(type(self), self, config)
+        check_init_on_layer(type(self), self, config)
         try:
             adapter = (DoRA if config.use_dora else LoRA)(
                 in_features,

@@ -46,7 +46,7 @@ def _kind(cls: type[nn.Module], module: nn.Module) -> str:
     return "conv" if cls.lora_dims(module)[2] else "linear"  # type: ignore[attr-defined]
 
 
-def check_init(cls: type[nn.Module], module: nn.Module, config: LoraConfig) -> None:
+def check_init_on_layer(cls: type[nn.Module], module: nn.Module, config: LoraConfig) -> None:
     """Refuse `config.init` on `module` (to be adapted by LoRA class `cls`) where PEFT refuses
     it or lorakit cannot reproduce it; checked for every target before any weight changes."""
     init = config.init
