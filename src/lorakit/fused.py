@@ -14,14 +14,15 @@ global generator, as nn.Dropout's: on the CPU from `lorakit.dropout_masks` (16-b
 applied block by block); on CUDA from PyTorch's fused dropout kernel, which writes
 k * x / (1 - p) and k in one pass. The big GEMMs (x W^T, g W) accumulate into the buffer the
 thin rank-r products started (beta = 1), so the low-rank terms cost no extra pass over y or
-grad_x. What remains is four thin GEMMs per layer, each one pass over x or g, laid out
-(N, r), which runs faster than (r, N) on CPU BLAS.
+grad_x. What remains is four thin GEMMs per layer, each one pass over x or g, with the thin side
+laid out (r, N) (`thin_product`), which runs faster than (N, r) on CPU BLAS.
 
 When the tokens outweigh the weight and there is no dropout, the low-rank term is cheaper
 folded into the weight: W' = W + sum_a s_a B_a A_a costs passes over W, where the thin path
 costs a pass over y (y += h B^T) and, in inference, one over x (h); in a train step also one
 over grad_x (grad_x += u A). Then y = x W'^T and grad_x = g W' (W' computed again in
-backward, never stored); a train step still computes h for grad_B. Measured on a CPU (rank
+backward, never stored; grad_x and the u_a from one GEMM, `lorakit.folded_grad`); a train
+step still computes h for grad_B. Measured on a CPU (rank
 8 and 64, hidden 512 and 1376; benchmarks/layer_costs.py, benchmarks/train_step.py): it pays
 from N (in + out) >= 4 in out on, in inference and training alike. In float32 and float64
 only: in 16-bit formats W' would round the small low-rank term away, so those stay thin.
@@ -37,6 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .dropout_masks import dropped_product, masked_grads
+from .folded_grad import folded_grads
 
 # Devices where PyTorch's own fused dropout kernel (`native_dropout`: the dropped, scaled x and
 # its boolean mask in one pass, from the global generator) is cheaper than drawing
@@ -126,6 +128,16 @@ def _dropout_h(
     return dropped_product(x, A, s, p, seed)
 
 
+def thin_product(x: Tensor, A: Tensor, s: float) -> Tensor:
+    """s x A^T (N, r) for x (N, in), A (r, in): taken as s A x^T (r, N), returned transposed.
+
+    On CPU BLAS (MKL, one core, N 2048, r 8) the (r, N) layout runs 1.5x (in 512) to 3.4x
+    (g B with out 1376) faster than (N, r); and h^T, u^T come out contiguous for the
+    reductions over N that follow (grad B = (h^T g)^T, grad A = u^T x).
+    """
+    return (A @ x.t()).mul_(s).t()
+
+
 def _base_product(x: Tensor, w_t: Tensor, bias: Tensor | None) -> Tensor:
     """x w_t + bias for x (N, in), w_t (in, out)."""
     return x @ w_t if bias is None else torch.addmm(bias, x, w_t)
@@ -139,7 +151,7 @@ def _merged_forward(
     scales = plan.scales
     w_t = _merged(weight, factors, scales, plan.transposed)
     y = _base_product(x, w_t if plan.transposed else w_t.t(), bias)
-    hs = [F.linear(x, factors[2 * i]).mul_(s) for i, s in enumerate(scales)] if keep else []
+    hs = [thin_product(x, factors[2 * i], s) for i, s in enumerate(scales)] if keep else []
     return y, hs, [None] * len(scales), [1.0] * len(scales)
 
 
@@ -164,7 +176,7 @@ def _fused_forward(
     for i, (s, p) in enumerate(zip(plan.scales, plan.dropout)):
         A, B = factors[2 * i], factors[2 * i + 1]
         if p == 0:  # h: (N, r), s folded in: grad_B = (h^T g)^T
-            h, mask, d = F.linear(x, A).mul_(s), None, 1.0
+            h, mask, d = thin_product(x, A, s), None, 1.0
         else:
             seed = None if plan.seed is None else plan.seed + i
             h, mask, d = _dropout_h(x, A, s, p, seed)
@@ -179,11 +191,12 @@ def _fused_forward(
 
 def _low_rank_grads(
     g: Tensor, x: Tensor, tensors: tuple[Tensor, ...], dscales: list[float], plan: _Plan,
-    need: tuple[bool, ...],
+    need: tuple[bool, ...], us: list[Tensor] | None = None,
 ) -> tuple[Tensor | None, list[Tensor | None]]:  # fmt: skip
     """(the low-rank part of grad_x, [grad_A_a, grad_B_a, ...]); see the equations above.
 
-    tensors: the saved factors, h_a and masks; need: the node's `needs_input_grad`.
+    tensors: the saved factors, h_a and masks; need: the node's `needs_input_grad`;
+    us: the u_a when taken already (`lorakit.folded_grad`).
     """
     n = len(plan.scales)
     factors, hs, masks = tensors[: 2 * n], tensors[2 * n : 3 * n], tensors[3 * n :]
@@ -196,7 +209,7 @@ def _low_rank_grads(
         if plan.merge and not need_a:
             grad_factors += [None, grad_b_a]
             continue
-        u = (g @ B).mul_(s * d)  # (N, r) = s' g B
+        u = us[i] if us is not None else thin_product(g, B.t(), s * d)  # (N, r) = s' g B
         grad_a = None
         if keep is not None:  # dropout: never merged
             blocks = x.device.type not in _FUSED_DROPOUT_DEVICES
@@ -228,12 +241,14 @@ class _FusedLoraLinear(torch.autograd.Function):
         plan, need = ctx.plan, ctx.needs_input_grad
         if not g.is_contiguous():
             g = g.contiguous()
-        grad_x, grad_factors = _low_rank_grads(g, x, tuple(rest), ctx.dscales, plan, need)
-        if need[0]:
+        grad_x, us = None, None
+        if need[0] and plan.merge:  # g W' and every u_a from one GEMM
             factors = tuple(rest[: 2 * len(plan.scales)])
-            w = _merged(weight, factors, plan.scales, plan.transposed) if plan.merge else weight
-            w = w.t() if plan.transposed else w  # (out, in)
-            grad_x = g @ w if grad_x is None else grad_x.addmm_(g, w)
+            grad_x, us = folded_grads(g, weight, factors, plan.scales, plan.transposed)
+        low_rank, grad_factors = _low_rank_grads(g, x, tuple(rest), ctx.dscales, plan, need, us)
+        if need[0] and not plan.merge:
+            w = weight.t() if plan.transposed else weight  # (out, in)
+            grad_x = g @ w if low_rank is None else low_rank.addmm_(g, w)
         grad_w = None
         if need[1]:
             grad_w = x.t() @ g if plan.transposed else g.t() @ x

@@ -5,11 +5,12 @@ MLP) each need x A_i^T. Taken together, one GEMM reads x once where k thin GEMMs
 k times, in the forward and again for grad A in the backward. Two kinds of node do it, for N
 tokens, R = r_1 + ... + r_k and s_i the adapters' scales:
 
-    product node (one per set):  H = x [A_1; ...; A_k]^T (N, R), split into h_i (N, r_i)
+    product node (one per set):  H^T = [A_1; ...; A_k] x^T (R, N), split into h_i^T (r_i, N)
         backward:                grad [A_1; ...; A_k] = grad_H^T x       one GEMM for the set
     layer node (one per layer):  y_i = x W_i^T + b_i + s_i h_i B_i^T   (or x W_i'^T + b_i)
         backward:                u_i = s_i g_i B_i = grad h_i,  grad B_i = s_i (h_i^T g_i)^T,
                                  grad x += g_i W_i + u_i A_i            (or g_i W_i')
+        (folded: g_i W_i' and u_i from one GEMM, `lorakit.folded_grad`)
 
 The product node takes x detached: the low-rank part of grad x, u_i A_i, is the layer node's,
 so that it can be folded, as in `lorakit.fused`, into a transient W_i' = W_i + s_i B_i A_i
@@ -27,23 +28,25 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .fused import _base_product, _merged, _needs_graph, merge_pays
+from .folded_grad import folded_grads
+from .fused import _base_product, _merged, _needs_graph, merge_pays, thin_product
 
 
 class _StackedProduct(torch.autograd.Function):
-    """H = x [A_1; ...; A_k]^T for 2D x (N, in); gradients to the A's only (see above)."""
+    """H^T = [A_1; ...; A_k] x^T (R, N) for 2D x (N, in); gradients to the A's only (see
+    above). (R, N), not (N, R): the layout thin GEMMs run fastest in (`fused.thin_product`)."""
 
     @staticmethod
     def forward(ctx, x, *factors):  # noqa: ANN001
         ctx.save_for_backward(x)
         ctx.ranks = tuple(A.shape[0] for A in factors)
-        return F.linear(x, _stacked(factors))
+        return _stacked(factors) @ x.t()
 
     @staticmethod
-    def backward(ctx, grad_h):  # noqa: ANN001
+    def backward(ctx, grad_h_t):  # noqa: ANN001
         (x,) = ctx.saved_tensors
         need = ctx.needs_input_grad[1:]
-        grads = (grad_h.t() @ x).split(ctx.ranks)  # (R, in): one pass over x for the set
+        grads = (grad_h_t @ x).split(ctx.ranks)  # (R, in): one pass over x for the set
         return None, *(g if n else None for g, n in zip(grads, need))
 
 
@@ -55,14 +58,14 @@ def _stacked(factors: Sequence[Tensor]) -> Tensor:
 def stacked_products(x: Tensor, factors: Sequence[Tensor]) -> tuple[Tensor, ...]:
     """(h_1, ..., h_k), h_i = x A_i^T (N, r_i), from one GEMM; x 2D, factors in x's dtype.
 
-    Views of one (N, R) tensor; in a graph, A_i's gradient comes from the product node.
+    Transposed views of one (R, N) tensor; in a graph, A_i's gradient comes from the product node.
     """
     ranks = [A.shape[0] for A in factors]
     if _needs_graph(*factors):
-        product = _StackedProduct.apply(x.detach(), *factors)
+        product_t = _StackedProduct.apply(x.detach(), *factors)
     else:
-        product = F.linear(x, _stacked(factors))
-    return product.split(ranks, dim=1)
+        product_t = _stacked(factors) @ x.t()
+    return tuple(h_t.t() for h_t in product_t.split(ranks))
 
 
 class _LayerPlan(NamedTuple):
@@ -100,8 +103,11 @@ class _GivenProductLinear(torch.autograd.Function):
         plan, need = ctx.plan, ctx.needs_input_grad
         g = g if g.is_contiguous() else g.contiguous()
         grad_lora_b = (h.t() @ g).mul_(plan.scale).t() if need[5] else None  # (out, r)
-        u = (g @ B).mul_(plan.scale) if need[3] or (need[0] and not plan.merge) else None
-        grad_x = _grad_x(g, weight, A, B, u, plan) if need[0] else None
+        if need[0] and plan.merge:  # g W' and u from one GEMM
+            grad_x, (u,) = folded_grads(g, weight, (A, B), (plan.scale,), plan.transposed)
+        else:
+            u = thin_product(g, B.t(), plan.scale) if need[3] or need[0] else None
+            grad_x = (u @ A).addmm_(g, _out_in(weight, plan)) if need[0] else None
         grad_w = None
         if need[1]:
             grad_w = x.t() @ g if plan.transposed else g.t() @ x
@@ -109,15 +115,9 @@ class _GivenProductLinear(torch.autograd.Function):
         return grad_x, grad_w, grad_bias, u if need[3] else None, None, grad_lora_b, None
 
 
-def _grad_x(
-    g: Tensor, weight: Tensor, A: Tensor, B: Tensor, u: Tensor | None, plan: _LayerPlan
-) -> Tensor:
-    """g W + u A, or g W' when folded: the whole of this layer's part of grad x."""
-    if plan.merge:
-        w = _merged(weight, (A, B), (plan.scale,), plan.transposed)
-        return g @ (w.t() if plan.transposed else w)
-    w = weight.t() if plan.transposed else weight  # (out, in)
-    return (u @ A).addmm_(g, w)  # the big GEMM accumulates into the low-rank term
+def _out_in(weight: Tensor, plan: _LayerPlan) -> Tensor:
+    """W as (out, in): a view of GPT-2's (in, out) weight."""
+    return weight.t() if plan.transposed else weight
 
 
 def given_product_linear(
