@@ -10,12 +10,16 @@ import pytest
 import torch
 from conftest import VOCAB, tiny_mlp
 from peft_cross import model_output, nudge_trainable
+from safetensors.torch import load_file
 from token_models import ROWS, ids_with_rows, set_rows, tiny_llama
 from torch import nn
 
 import lorakit
+from lorakit.cli import build_parser
+from lorakit.cli.finetune import options_from_args
 from lorakit.errors import (
     AdapterError,
+    CheckpointError,
     ConfigError,
     MergeError,
     TargetNotFoundError,
@@ -257,3 +261,49 @@ def test_save_and_load_round_trip(tied: bool, options: dict, tmp_path) -> None:
 def test_summary_lists_token_rows() -> None:
     text = lorakit.summary(_adapted(True, trainable_token_indices=list(ROWS)))
     assert "model.embed_tokens" in text and "3 tokens" in text
+
+
+def test_a_file_whose_rows_do_not_fit_is_refused(tmp_path) -> None:
+    from tiny_hf import llama_config
+    from transformers import LlamaForCausalLM
+
+    lorakit.save_adapter(_adapted(False, trainable_token_indices=list(ROWS)), tmp_path)
+    model = LlamaForCausalLM(llama_config(40))  # row 42 is past its end
+    with pytest.raises(CheckpointError, match="does not fit this model: .*token id 42"):
+        lorakit.load_adapter(model, tmp_path)
+    assert not any(isinstance(m, LoraLayer) for m in model.modules())
+
+
+# -- lorakit finetune --------------------------------------------------------------------------
+@pytest.mark.parametrize("flag, stored", [("3,7,42", (3, 7, 42)), ("5", (5,))])
+def test_finetune_flag_reaches_the_config(flag: str, stored: tuple) -> None:
+    args = build_parser().parse_args(["finetune", "--trainable-tokens", flag])
+    assert options_from_args(args)[1].trainable_token_indices == stored
+
+
+def test_finetune_flag_refuses_what_is_not_ids(capsys) -> None:
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["finetune", "--trainable-tokens", "3,x"])
+    assert "expected token ids separated by commas" in capsys.readouterr().err
+
+
+def test_finetune_trains_the_rows_of_tokens_in_the_data(tmp_path) -> None:
+    from tiny_hf import tiny_model
+    from transformers import AutoTokenizer
+
+    from lorakit.train import TrainOptions, finetune
+
+    folder = tiny_model(tmp_path / "model", "llama-causal")
+    ids = AutoTokenizer.from_pretrained(folder)("word and", add_special_tokens=False)["input_ids"]
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(f'{{"text": "word {i} and word {i + 1}"}}\n' for i in range(16)))
+    options = TrainOptions(model=str(folder), data=str(data), task="causal-lm", max_steps=2,
+                           out=str(tmp_path / "out"), lr=1e-2, eval_fraction=0.25,
+                           progress="none")  # fmt: skip
+    unused = 1  # [unused0]: never in the data, so its row keeps its value
+    config = lorakit.LoraConfig(rank=2, targets=("q_proj",), trainable_token_indices=[*ids, unused])
+    finetune(options, config)
+    saved = load_file(tmp_path / "out" / "adapter" / "adapter_model.safetensors")
+    rows = saved["base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta"]
+    base = load_file(folder / "model.safetensors")["model.embed_tokens.weight"][[*ids, unused]]
+    assert (rows != base).any(dim=1).tolist() == [True] * len(ids) + [False]
