@@ -124,3 +124,40 @@ def test_gradients_match_peft(tied: bool, tmp_path: Path) -> None:
     for m in (ref, model):
         model_output(m, ids_with_rows()).square().mean().backward()
     torch.testing.assert_close(rows[1].grad, rows[0].grad, rtol=0, atol=1e-6)
+
+
+class ScaledEmbedding(nn.Embedding):
+    """Gemma's kind of embedding: the base forward scales its output by `embed_scale`."""
+
+    def __init__(self, vocab: int, dim: int) -> None:
+        super().__init__(vocab, dim)
+        self.embed_scale = 3.0
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return super().forward(ids) * self.embed_scale
+
+
+class ScaledNet(nn.Module):
+    """No `get_input_embeddings`: both libraries fall back to the module named embed_tokens."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed_tokens = ScaledEmbedding(50, 8)
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.embed_tokens(ids))
+
+
+def test_a_scaled_embedding_keeps_its_scale_like_peft(tmp_path: Path) -> None:
+    ids = torch.tensor([[1, 4, 9, 4, 30]])
+    ref = peft.get_peft_model(ScaledNet(), peft.LoraConfig(target_modules=["head"],
+                                                           trainable_token_indices=[4, 9]))
+    nudge_trainable(ref, seed=3)
+    ref.save_pretrained(tmp_path)
+    model = lorakit.load_adapter(ScaledNet(), tmp_path)
+    torch.testing.assert_close(model(ids), ref(ids), rtol=0, atol=ATOL)
+    rows = model.embed_tokens.lora["default"].delta
+    torch.testing.assert_close(model.embed_tokens(ids)[0, 1], rows[0] * 3.0)
+    assert_same_merge(ref, model, ids, atol=ATOL)
