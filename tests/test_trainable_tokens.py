@@ -307,3 +307,12 @@ def test_finetune_trains_the_rows_of_tokens_in_the_data(tmp_path) -> None:
     rows = saved["base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta"]
     base = load_file(folder / "model.safetensors")["model.embed_tokens.weight"][[*ids, unused]]
     assert (rows != base).any(dim=1).tolist() == [True] * len(ids) + [False]
+
+
+def test_routing_and_adapter_algebra_refuse_token_rows() -> None:
+    model = _adapted(False, trainable_token_indices=list(ROWS))
+    with pytest.raises(UnsupportedLayerError, match="TrainableTokensEmbedding"):
+        with lorakit.routing(model, ["default", None]):
+            pass
+    with pytest.raises(ConfigError, match="trains token rows"):
+        lorakit.compress(model, "default", rank=1)
