@@ -152,8 +152,9 @@ class ScaledNet(nn.Module):
 
 def test_a_scaled_embedding_keeps_its_scale_like_peft(tmp_path: Path) -> None:
     ids = torch.tensor([[1, 4, 9, 4, 30]])
-    ref = peft.get_peft_model(ScaledNet(), peft.LoraConfig(target_modules=["head"],
-                                                           trainable_token_indices=[4, 9]))
+    ref = peft.get_peft_model(
+        ScaledNet(), peft.LoraConfig(target_modules=["head"], trainable_token_indices=[4, 9])
+    )
     nudge_trainable(ref, seed=3)
     ref.save_pretrained(tmp_path)
     model = lorakit.load_adapter(ScaledNet(), tmp_path)

@@ -85,7 +85,7 @@ def to_peft(
 
     `target_modules` is what the caller worked out matches exactly the adapted layers.
     """
-    return {
+    return _tokens_field(config) | {
         "peft_type": "LORA",
         "r": config.rank,
         "lora_alpha": _number(config.alpha),
@@ -103,8 +103,7 @@ def to_peft(
         "inference_mode": True,
         "base_model_name_or_path": base_model_name_or_path,
         "task_type": None,
-    } | ({"target_parameters": list(config.target_parameters)} if config.target_parameters else {}
-    ) | _tokens_field(config)
+    } | ({"target_parameters": list(config.target_parameters)} if config.target_parameters else {})
 
 
 def _tokens_field(config: LoraConfig) -> dict[str, object]:

@@ -80,8 +80,12 @@ def _add_lora_arguments(g: argparse._ArgumentGroup) -> None:
     add("--use-rslora", "scale by alpha / sqrt(rank)", action="store_true")
     add("--use-dora", "DoRA: a trained magnitude per output row", action="store_true")
     add("--lora-bias", "a trained bias on B (PEFT's lora_bias)", action="store_true")
-    add("--trainable-tokens", "token ids whose input-embedding rows train: 3,7,42 (PEFT's "
-        "trainable_token_indices; a tied lm_head follows)", type=_token_ids)
+    add(
+        "--trainable-tokens",
+        "token ids whose input-embedding rows train: 3,7,42 (PEFT's trainable_token_indices; "
+        "a tied lm_head follows)",
+        type=_token_ids,
+    )
     add("--bias", f"(default: {lora.bias})", choices=get_args(Bias))
     add("--init", f"or pissa_niter_K (default: {lora.init})", choices=_InitChoices(get_args(Init)))
     add(
