@@ -109,6 +109,13 @@ def test_inject_refuses_what_does_not_fit(options: dict, error: type, message: s
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
+def test_a_tied_head_that_is_a_lora_target_is_refused() -> None:
+    model = tiny_llama(tied=True)
+    with pytest.raises(ConfigError, match=r"\['lm_head'\] share\(s\) the weight of 'model.embed_"):
+        lorakit.inject(model, _config(targets=("q_proj", "lm_head"), trainable_token_indices=[1]))
+    assert not any(isinstance(m, LoraLayer) for m in model.modules())
+
+
 def test_a_model_without_input_embedding_is_refused() -> None:
     config = lorakit.LoraConfig(targets=("fc1",), trainable_token_indices=[1])
     with pytest.raises(ConfigError, match="no input embedding found in MLP"):

@@ -93,8 +93,7 @@ def _selected(
             if path in chosen:
                 raise ConfigError(f"{option}: {path!r} is also selected by {chosen[path][0]}")
             chosen[path] = (option, module, ids)
-    order = {path: i for i, (path, _) in enumerate(modules)}
-    return [(o, p, m, ids) for p, (o, m, ids) in sorted(chosen.items(), key=lambda x: order[x[0]])]
+    return [(chosen[p][0], p, *chosen[p][1:]) for p, _ in modules if p in chosen]
 
 
 def _input_embedding(
