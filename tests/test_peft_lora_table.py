@@ -3,9 +3,10 @@ cases and the multiple-active-adapter cases), as lorakit cross tests against the
 package, both ways: PEFT saves -> lorakit loads (same outputs, same merge) and lorakit saves ->
 PEFT loads (same outputs).
 
-Only the cases lorakit supports are here; the rest of that table (`target_parameters`,
-`trainable_token_indices`, VeLoRA, KaSA, MonteCLoRA) is refused with a clear error until issue
-14 adds it. Grouped convolutions are not merged by either library (both refuse). The models
+Only the cases lorakit supports are here; `target_parameters` and `trainable_token_indices`
+have their own cross tests (test_target_parameters_peft.py, test_trainable_tokens_peft.py),
+and the rest of that table (VeLoRA, KaSA, MonteCLoRA) is refused with a clear error.
+Grouped convolutions are not merged by either library (both refuse). The models
 follow PEFT's test models (MLP, EmbConv1D, Conv1d/2d/3d, Conv2dGroups, MHA) with their layer
 names. Two bugs of PEFT 0.21 are allowed
 for, each detected in `peft_quirks`: it adds an MHA out_proj's delta twice (the reference's B

@@ -158,6 +158,11 @@ def _check_names(model: nn.Module, names: tuple[str, ...]) -> None:
                 f"adapter {name!r} adapts raw parameters (target_parameters); adapter algebra "
                 "works on layer adapters only"
             )
+        if configs[name].trainable_token_indices is not None:  # rows, not factors
+            raise ConfigError(
+                f"adapter {name!r} trains token rows (trainable_token_indices); adapter "
+                "algebra works on plain LoRA adapters only"
+            )
     for path, layer in lora_layers(model):
         if layer.lora_groups() != 1 and any(n in layer.lora for n in names):
             raise ConfigError(

@@ -13,6 +13,7 @@ import torch
 
 from .errors import ConfigError
 from .names import name_matches
+from .token_indices import TokenIndices, check_token_indices
 
 Bias = Literal["none", "all", "lora_only"]
 Init = Literal["kaiming", "gaussian", "zeros", "loftq", "pissa", "olora", "orthogonal", "mica"]
@@ -188,6 +189,9 @@ class LoraConfig:
             or name suffix, e.g. "experts.gate_up_proj" (a mixture-of-experts stack, one LoRA
             per expert); see `lorakit.layers.parameter`. With it, `targets` may be empty;
             dropout and DoRA are refused (PEFT's rule).
+        trainable_token_indices: token ids whose input-embedding rows train in full, the rest
+            of the table frozen (PEFT's name; see `lorakit.layers.trainable_tokens`): a list
+            (the model's input embedding) or {embedding module name or suffix: list}.
 
     Raises:
         ConfigError: an option has an invalid value; the message names it.
@@ -208,6 +212,7 @@ class LoraConfig:
     use_dora: bool = False
     lora_bias: bool = False
     target_parameters: tuple[str, ...] = ()
+    trainable_token_indices: TokenIndices = None
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen: normalise once, here
@@ -244,6 +249,9 @@ class LoraConfig:
         set_(self, "dtype", _as_dtype(self.dtype))
         set_(self, "target_parameters", _as_parameters(self.target_parameters))
         _check_parameter_options(self)
+        tokens = check_token_indices(self.trainable_token_indices)
+        tokens = FrozenDict(tokens) if isinstance(tokens, dict) else tokens
+        set_(self, "trainable_token_indices", tokens)
 
     def for_module(self, module_name: str) -> LoraConfig:
         """This config with `rank_pattern` / `alpha_pattern` applied for `module_name`."""

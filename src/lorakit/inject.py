@@ -21,6 +21,7 @@ from .layers.weight_init import (
 from .overview import InjectionReport, trainable_parameters
 from .shared_input_links import link_siblings
 from .targets import find_targets, saved_paths
+from .token_targets import add_token_adapters, find_token_targets
 from .tree import base_modules, lora_layers
 
 
@@ -59,9 +60,13 @@ def inject_found(
     order = next_order(model)
     if reads_weight(config.init) or config.init in ("orthogonal", "loftq"):
         _check_inits(model, targets, config)  # PiSSA / OLoRA rewrite base weights: check all
-    undo = _Undo.take(model, targets)
+    tokens = find_token_targets(model, config, targets)  # trainable_token_indices, checked
+    token_modules = [(t.path, t.module) for t in tokens] + [x for t in tokens for x in t.tied]
+    undo = _Undo.take(model, targets + token_modules)
     try:
         _add_adapters(targets, config, adapter_name, order)
+        for rows in add_token_adapters(tokens, adapter_name, config):
+            register(rows, order, config)
         for _, layer in lora_layers(model):
             layer.lora_active = (adapter_name,) if adapter_name in layer.lora else ()
         saved = freeze_base(model)

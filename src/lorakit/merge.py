@@ -24,6 +24,7 @@ from torch import nn
 
 from .errors import AdapterError, MergeError
 from .layers import LoraLayer
+from .layers.trainable_tokens import TrainableTokensMixin
 from .tree import lora_layers
 
 
@@ -90,12 +91,19 @@ def _check_untied(model: nn.Module) -> None:
             users.setdefault(id(weight), []).append((name, module))
     for name, layer in lora_layers(model):
         owner = getattr(layer, "lora_holder", layer)  # an adapted raw parameter's module
-        shared = [n for n, m in users.get(id(layer.weight), []) if m not in (layer, owner)]
+        shared = [n for n, m in users.get(id(layer.weight), []) if m not in (layer, owner)
+                  and not _both_tokens(layer, m)]  # fmt: skip
         if layer.lora_active and shared:
             raise MergeError(
                 f"the weight of {name!r} is tied to {shared}; merging would change those "
                 "modules too. Keep the adapter unmerged, or untie the weights first"
             )
+
+
+def _both_tokens(layer: nn.Module, other: nn.Module) -> bool:
+    """Trainable-token layers on one tied weight write the same rows: merging is meant to
+    change both (PEFT's tied output layer)."""
+    return isinstance(layer, TrainableTokensMixin) and isinstance(other, TrainableTokensMixin)
 
 
 def unmerge(model: nn.Module) -> nn.Module:

@@ -59,5 +59,9 @@ def summary(model: nn.Module) -> str:
     for name, layer in lora_layers(model):
         for adapter_name, a in layer.lora.items():
             merged = "yes" if adapter_name in layer.lora_merged else "no"
+            if hasattr(a, "token_indices"):  # trainable tokens: rows, no rank or scale
+                tokens = f"{len(a.token_indices)} tokens"
+                rows.append((name, adapter_name, tokens, "-", "-", merged))
+                continue
             rows.append((name, adapter_name, str(a.rank), f"{a.alpha:g}", f"{a.scaling:g}", merged))
     return "\n".join([*table_lines(rows), format_counts(*trainable_parameters(model))])

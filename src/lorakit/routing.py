@@ -30,6 +30,7 @@ from .layers.base import LoraLayer
 from .layers.conv import ConvLoraMixin
 from .layers.dora import DoRA, weight_rows
 from .layers.mha import MultiheadAttentionLoraMixin
+from .layers.trainable_tokens import TrainableTokensMixin
 from .tree import lora_layers
 
 __all__ = ["RowRouting", "clear_cache", "routing"]
@@ -320,7 +321,7 @@ def routing(
             )
         if layer.lora_routing is not None:
             raise AdapterError(f"layer {path!r} is already routed; routing contexts do not nest")
-        unroutable = (ConvLoraMixin, MultiheadAttentionLoraMixin)  # PEFT refuses MHA too
+        unroutable = (ConvLoraMixin, MultiheadAttentionLoraMixin, TrainableTokensMixin)
         if isinstance(layer, unroutable) and any(n in layer.lora for n in names):
             raise UnsupportedLayerError(
                 f"mixed-adapter batches support Linear, GPT-2 Conv1D and Embedding layers; "

@@ -13,9 +13,10 @@ from torch import Tensor, nn
 
 from ..adapter_registry import adapter_configs, check_adapter_name
 from ..config import LoraConfig
-from ..errors import AdapterError, CheckpointError, TargetNotFoundError
+from ..errors import AdapterError, CheckpointError, ConfigError, TargetNotFoundError
 from ..inject import inject_found
 from ..targets import find_targets, without_missing_saved
+from ..token_targets import TokenTarget, find_token_targets
 from ..tree import base_modules
 from .files import DEFAULT, open_adapter
 from .io import CONFIG_NAME
@@ -82,7 +83,8 @@ def load_adapter(
         config = without_missing_saved(model, raw)  # PEFT ignores absent heads
         check_base(model, files.metadata, files.weights)
         targets = _targets(model, config, files.folder)  # found once: inject_found takes them
-        slots = plan(config, list(base_modules(model)), targets)
+        tokens = _token_targets(model, config, targets, files.folder)
+        slots = plan(config, list(base_modules(model)), targets, tokens)
         names = {with_prefix(k): k for k in files.entries}  # keys are unique with the prefix
         for copy in wrapper_copies(set(names), config):
             del names[copy]
@@ -102,6 +104,15 @@ def _targets(model: nn.Module, config: LoraConfig, folder: Path) -> Modules:
     try:
         return find_targets(model, config)
     except TargetNotFoundError as err:
+        raise CheckpointError(f"{folder}: the adapter does not fit this model: {err}") from None
+
+
+def _token_targets(
+    model: nn.Module, config: LoraConfig, targets: Modules, folder: Path
+) -> list[TokenTarget]:
+    try:
+        return find_token_targets(model, config, targets)
+    except (ConfigError, TargetNotFoundError) as err:
         raise CheckpointError(f"{folder}: the adapter does not fit this model: {err}") from None
 
 

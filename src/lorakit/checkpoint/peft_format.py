@@ -6,6 +6,8 @@ Keys (the adapter name never appears; `base_model.model.` is optional when readi
     <path>.lora_embedding_A (r, vocab)    <path>.lora_embedding_B (dim, r)     Embedding
     <path>.lora_magnitude_vector (out,)   DoRA's magnitude (use_dora), any layer type
     <path>.lora_B.bias (out,)             B's bias (lora_bias), Linear, Conv1D, ConvNd
+    <path>.token_adapter.trainable_tokens_delta (n, dim)   the trained rows of an embedding
+                                          (trainable_token_indices; a tied lm_head: none)
 
 On a conv with groups g > 1 `lora_B.weight` is (out, r / g, *1) (PEFT's grouped B).
     <path>.base_layer.bias                bias of an adapted layer (bias "lora_only" / "all")
@@ -44,7 +46,6 @@ PEFT_KEYS = frozenset(
 UNSUPPORTED = (
     "layers_to_transform",
     "layer_replication",
-    "trainable_token_indices",
     "alora_invocation_tokens",
     "use_qalora",
     "use_bdlora",
@@ -84,7 +85,7 @@ def to_peft(
 
     `target_modules` is what the caller worked out matches exactly the adapted layers.
     """
-    return {
+    return _tokens_field(config) | {
         "peft_type": "LORA",
         "r": config.rank,
         "lora_alpha": _number(config.alpha),
@@ -103,6 +104,16 @@ def to_peft(
         "base_model_name_or_path": base_model_name_or_path,
         "task_type": None,
     } | ({"target_parameters": list(config.target_parameters)} if config.target_parameters else {})
+
+
+def _tokens_field(config: LoraConfig) -> dict[str, object]:
+    """PEFT's `trainable_token_indices` as the user gave it (a list, or a dict of lists)."""
+    tokens = config.trainable_token_indices
+    if tokens is None:
+        return {}
+    if isinstance(tokens, Mapping):
+        return {"trainable_token_indices": {name: list(ids) for name, ids in tokens.items()}}
+    return {"trainable_token_indices": list(tokens)}
 
 
 def _number(x: float) -> int | float:
@@ -148,6 +159,7 @@ def from_peft(raw: Mapping[str, object], source: str) -> LoraConfig:
     if isinstance(targets, list):
         targets = tuple(dict.fromkeys(targets))  # PEFT writes sets as lists, maybe repeated
     saved = raw.get("modules_to_save") or ()
+    tokens = raw.get("trainable_token_indices")
     try:
         return LoraConfig(
             rank=raw["r"],
@@ -164,6 +176,7 @@ def from_peft(raw: Mapping[str, object], source: str) -> LoraConfig:
             modules_to_save=tuple(dict.fromkeys(saved)),
             init=replayed or "zeros",  # the file's tensors overwrite both factors
             target_parameters=tuple(parameters),
+            trainable_token_indices=None if _off(tokens) else tokens,
         )
     except (ValueError, TypeError) as err:
         raise CheckpointError(f"{source}: {err}") from None
@@ -185,6 +198,11 @@ def lora_keys(path: str, embedding: bool) -> tuple[str, str]:
 def lora_bias_key(path: str) -> str:
     """PEFT's key of B's bias (`lora_bias`) for the layer at `path`."""
     return f"{PREFIX}{path}.lora_B.bias"
+
+
+def token_key(path: str) -> str:
+    """PEFT's key of the trained rows (`trainable_token_indices`) of the embedding at `path`."""
+    return f"{PREFIX}{path}.token_adapter.trainable_tokens_delta"
 
 
 def magnitude_key(path: str) -> str:

@@ -22,11 +22,12 @@ from ..layers.mha import out_proj_owners, peft_module_path
 from ..layers.parameter import ParamLoraLayer, parameter_path
 from ..layers.registry import weight_shape
 from ..names import name_matches
+from ..token_targets import TokenTarget
 from ..tree import base_modules
 from .parameter_keys import parameter_prefixes
-from .peft_format import lora_bias_key, lora_keys, magnitude_key, param_key
+from .peft_format import lora_bias_key, lora_keys, magnitude_key, param_key, token_key
 
-Kind = Literal["lora_A", "lora_B", "magnitude", "lora_bias", "tensor"]
+Kind = Literal["lora_A", "lora_B", "magnitude", "lora_bias", "delta", "tensor"]
 Modules = list[tuple[str, nn.Module]]  # (path, module) pairs
 # dtypes LoRA factors compute in; a file's other floats (float8) load as float32
 COMPUTE_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
@@ -37,7 +38,8 @@ EMBEDDING_NAMES = ("embed_tokens", "lm_head")
 @dataclass(frozen=True)
 class Slot:
     """Where one file tensor lives: `module` path, then `name` ("lora_A", "lora_B",
-    "magnitude" (DoRA), "lora_bias" (B's bias), or a parameter / buffer of that module), with
+    "magnitude" (DoRA), "lora_bias" (B's bias), "delta" (trainable token rows), or a
+    parameter / buffer of that module), with
     the `shape` it must have; `optional` ones may be absent (base weights PEFT adds for
     embeddings)."""
 
@@ -73,10 +75,16 @@ def _own_tensors(module: nn.Module, prefix: str) -> Iterable[tuple[str, str, Ten
                 yield path, name, b
 
 
-def plan(config: LoraConfig, modules: Modules, targets: Modules) -> dict[str, Slot]:
-    """PEFT key -> Slot for an adapter with `config` on the layers `targets` (path, module);
-    `modules` is the model's `base_modules`, walked once by the caller."""
+def plan(
+    config: LoraConfig, modules: Modules, targets: Modules, tokens: Iterable[TokenTarget] = ()
+) -> dict[str, Slot]:
+    """PEFT key -> Slot for an adapter with `config` on the layers `targets` (path, module)
+    and the embeddings `tokens` (trainable_token_indices); `modules` is the model's
+    `base_modules`, walked once by the caller."""
     slots: dict[str, Slot] = {}
+    for target in tokens:  # the rows themselves; a tied lm_head reads them (nothing saved)
+        shape = (len(target.token_indices), target.module.weight.shape[1])
+        slots[token_key(target.path)] = Slot("delta", target.path, "delta", shape)
     adapted = {path for path, _ in targets}
     owners = out_proj_owners(targets)  # an MHA's out_proj: the MHA's rank, PEFT's key path
     prefixes = parameter_prefixes(targets)

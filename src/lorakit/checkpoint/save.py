@@ -19,6 +19,8 @@ from ..config import LoraConfig
 from ..errors import AdapterError
 from ..layers import LoraLayer
 from ..layers.parameter import ParamLoraLayer
+from ..layers.trainable_tokens import TrainableTokensMixin
+from ..token_targets import find_token_targets
 from ..tree import base_modules
 from .atomic import atomic_write
 from .base_model import BaseModelInfo, describe_base, id2label_metadata
@@ -67,8 +69,11 @@ def save_adapter(
     if for_original_base:
         config = original_base_config(config, adapter_name)
     modules = list(base_modules(model))  # the one walk: targets, plan and PEFT's targets
-    targets = [(p, m) for p, m in modules if isinstance(m, LoraLayer) and adapter_name in m.lora]
-    slots = plan(config, modules, targets)
+    targets = [
+        (p, m) for p, m in modules if isinstance(m, LoraLayer) and adapter_name in m.lora
+        and not isinstance(m, TrainableTokensMixin)  # rows, not LoRA: `tokens`
+    ]  # fmt: skip
+    slots = plan(config, modules, targets, find_token_targets(model, config, targets))
     tensors = {
         key: _tensor(model, slot, adapter_name, for_original_base)
         for key, slot in slots.items()

@@ -24,6 +24,16 @@ def _names(value: str) -> tuple[str, ...] | str:
     return tuple(v.strip() for v in value.split(",") if v.strip())
 
 
+def _token_ids(value: str) -> list[int]:
+    """ "3,7,42" -> [3, 7, 42]: the token ids of --trainable-tokens."""
+    try:
+        return [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected token ids separated by commas, like 3,7,42; got {value!r}"
+        ) from None
+
+
 class _InitChoices(tuple):
     """The `Init` names, as argparse lists them; "pissa_niter_K" is taken too."""
 
@@ -70,6 +80,12 @@ def _add_lora_arguments(g: argparse._ArgumentGroup) -> None:
     add("--use-rslora", "scale by alpha / sqrt(rank)", action="store_true")
     add("--use-dora", "DoRA: a trained magnitude per output row", action="store_true")
     add("--lora-bias", "a trained bias on B (PEFT's lora_bias)", action="store_true")
+    add(
+        "--trainable-tokens",
+        "token ids whose input-embedding rows train: 3,7,42 (PEFT's trainable_token_indices; "
+        "a tied lm_head follows)",
+        type=_token_ids,
+    )
     add("--bias", f"(default: {lora.bias})", choices=get_args(Bias))
     add("--init", f"or pissa_niter_K (default: {lora.init})", choices=_InitChoices(get_args(Init)))
     add(
@@ -84,6 +100,8 @@ def lora_from_args(args: argparse.Namespace, defaults: dict[str, Any]) -> LoraCo
     given = {k: v for k, v in vars(args).items() if k in _LORA_FLAGS}
     if "targets_regex" in given:
         given["targets"] = given.pop("targets_regex")
+    if "trainable_tokens" in given:
+        given["trainable_token_indices"] = given.pop("trainable_tokens")
     if given.get("dtype") == "base":
         given["dtype"] = None
     return LoraConfig(**{**defaults, **given})
@@ -91,7 +109,7 @@ def lora_from_args(args: argparse.Namespace, defaults: dict[str, Any]) -> LoraCo
 
 _LORA_FLAGS = ("rank", "alpha", "dropout", "targets", "targets_regex", "exclude",
                "modules_to_save", "use_rslora", "use_dora", "lora_bias", "bias", "init",
-               "dtype")  # fmt: skip
+               "dtype", "trainable_tokens")  # fmt: skip
 
 
 def options_from_args(args: argparse.Namespace) -> tuple[TrainOptions, LoraConfig]:
