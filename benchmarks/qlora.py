@@ -14,6 +14,9 @@ output head, float32 adapters, AdamW. Bases:
 NF4 computes in float32 on the CPU, bfloat16 on CUDA (`--device cuda`, where the fp32 base
 also runs under bf16 autocast).
 lorakit: `inject`; PEFT: `get_peft_model` (its bitsandbytes LoRA layers on the NF4 base).
+`--floor` adds a cell both libraries share: the NF4 base frozen, no adapter, forward +
+backward to the input embeddings (`enable_input_require_grads`; no optimizer step): the
+step time no LoRA library can go under, so lorakit / PEFT >= floor / PEFT.
 `--gradient-checkpointing` turns on non-reentrant checkpointing of the blocks in every cell
 (as QLoRA users run it: PEFT's `prepare_model_for_kbit_training` does by default), so the
 weights, not the activations, set the peak.
@@ -105,6 +108,10 @@ def load_smollm2(base: str, device: str, compute: torch.dtype) -> nn.Module:
 def adapted(model: nn.Module, lib: str, checkpointing: bool) -> nn.Module:
     if checkpointing:  # what both libraries' users call: transformers' own switch
         model.activation_checkpointing_enable({"use_reentrant": False})
+    if lib == "frozen":  # the floor: no adapter, gradients reach the inputs only
+        model.requires_grad_(False)
+        model.enable_input_require_grads()
+        return model
     if lib == "lorakit":
         import lorakit
 
@@ -142,7 +149,7 @@ def child(args: argparse.Namespace, base: str, lib: str) -> dict[str, float]:
     model = adapted(build(base, device, compute), lib, args.gradient_checkpointing).train()
     model.config.use_cache = False
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    optimizer = torch.optim.AdamW(params, lr=1e-4) if params else None
     vocab = model.config.vocab_size
     ids = torch.randint(
         0, vocab, (args.batch, args.tokens), generator=torch.Generator().manual_seed(0)
@@ -159,8 +166,9 @@ def child(args: argparse.Namespace, base: str, lib: str) -> dict[str, float]:
         with autocast:
             loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        if optimizer is not None:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
         if device == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
@@ -200,6 +208,13 @@ def report(results: dict[tuple[str, str], dict[str, float]], args: argparse.Name
         ratios.append(
             f"{base}: lorakit/peft step time {time_ratio:.2f}x, memory {memory_ratio:.2f}x"
         )
+    if ("nf4", "frozen") in results:
+        floor, theirs = results["nf4", "frozen"]["step_s"], results["nf4", "peft"]["step_s"]
+        ours = results["nf4", "lorakit"]["step_s"]
+        ratios.append(
+            f"nf4 frozen base (the floor): {floor:.2f} s; over it lorakit {ours / floor:.2f}x, "
+            f"peft {theirs / floor:.2f}x; lowest possible lorakit/peft {floor / theirs:.2f}x"
+        )
     checkpointing = ", gradient checkpointing" if args.gradient_checkpointing else ""
     head = (f"{args.model}, batch {args.batch}x{args.tokens}, rank 16 all linear, "
             f"{args.device}{checkpointing}, median of {args.steps} steps")  # fmt: skip
@@ -214,13 +229,15 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--floor", action="store_true", help="add the frozen NF4 base cell")
     parser.add_argument("--child")
     args = parser.parse_args()
     if args.child:
         base, lib = args.child.split("/")
         print(json.dumps(child(args, base, lib)))
         return
-    results = {cell: measure(args, *cell) for cell in CELLS}
+    cells = CELLS + [("nf4", "frozen")] if args.floor else CELLS
+    results = {cell: measure(args, *cell) for cell in cells}
     print(report(results, args))
 
 
