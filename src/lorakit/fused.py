@@ -238,22 +238,34 @@ class _FusedLoraLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):  # noqa: ANN001
         x, weight, *rest = ctx.saved_tensors
-        plan, need = ctx.plan, ctx.needs_input_grad
-        if not g.is_contiguous():
-            g = g.contiguous()
-        grad_x, us = None, None
-        if need[0] and plan.merge:  # g W' and every u_a from one GEMM
-            factors = tuple(rest[: 2 * len(plan.scales)])
-            grad_x, us = folded_grads(g, weight, factors, plan.scales, plan.transposed)
-        low_rank, grad_factors = _low_rank_grads(g, x, tuple(rest), ctx.dscales, plan, need, us)
-        if need[0] and not plan.merge:
-            w = weight.t() if plan.transposed else weight  # (out, in)
-            grad_x = g @ w if low_rank is None else low_rank.addmm_(g, w)
-        grad_w = None
-        if need[1]:
-            grad_w = x.t() @ g if plan.transposed else g.t() @ x
-        grad_b = g.sum(0) if need[2] and ctx.has_bias else None
-        return grad_x, grad_w, grad_b, None, *grad_factors
+        return fused_backward(ctx, g, x, weight, tuple(rest), ctx.needs_input_grad)
+
+
+def fused_backward(
+    ctx: object, g: Tensor, x: Tensor, weight: Tensor, rest: tuple[Tensor, ...],
+    need: tuple[bool, ...],
+) -> tuple[Tensor | None, ...]:  # fmt: skip
+    """(grad x, grad W, grad b, None, grad A_1, grad B_1, ...): the fused node's backward.
+
+    ctx carries `plan`, `dscales`, `has_bias`; rest: the saved factors, h_a and masks; need:
+    `needs_input_grad` in `_FusedLoraLinear`'s argument order.
+    """
+    plan = ctx.plan
+    if not g.is_contiguous():
+        g = g.contiguous()
+    grad_x, us = None, None
+    if need[0] and plan.merge:  # g W' and every u_a from one GEMM
+        factors = rest[: 2 * len(plan.scales)]
+        grad_x, us = folded_grads(g, weight, factors, plan.scales, plan.transposed)
+    low_rank, grad_factors = _low_rank_grads(g, x, rest, ctx.dscales, plan, need, us)
+    if need[0] and not plan.merge:
+        w = weight.t() if plan.transposed else weight  # (out, in)
+        grad_x = g @ w if low_rank is None else low_rank.addmm_(g, w)
+    grad_w = None
+    if need[1]:
+        grad_w = x.t() @ g if plan.transposed else g.t() @ x
+    grad_b = g.sum(0) if need[2] and ctx.has_bias else None
+    return grad_x, grad_w, grad_b, None, *grad_factors
 
 
 def _needs_graph(*tensors: Tensor | None) -> bool:

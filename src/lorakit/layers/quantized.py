@@ -33,7 +33,8 @@ from .requantize import requantize_
 
 
 class QuantizedLinearLoraMixin(LinearLoraMixin):
-    """Mixin: LoRA on a quantized Linear; the plain path only (the fused op needs a float W)."""
+    """Mixin: LoRA on a quantized Linear; the plain path (4-bit layers: the fused one where it
+    applies, `lorakit.fused_quantized`)."""
 
     is_quantized: ClassVar[bool] = True
     supports_dora = False  # DoRA's norms need the float W: not reproduced on codes yet
@@ -123,6 +124,15 @@ class QuantizedLinearLoraMixin(LinearLoraMixin):
 
 class Linear4bitLoraMixin(QuantizedLinearLoraMixin):
     bits = 4
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The fused path where it applies (`lorakit.fused_quantized`), else the plain one."""
+        from ..fused_quantized import fusable_adapters, fused_4bit_linear
+
+        adapters = fusable_adapters(self, x)
+        if not adapters:
+            return LoraLayer.forward(self, x)
+        return fused_4bit_linear(x, self.weight, self.bias, adapters)
 
     @classmethod
     def adapt(cls, module: nn.Module) -> LoraLayer:
