@@ -65,13 +65,14 @@ def nf4_linear(linear: nn.Linear, compute: torch.dtype, device: str) -> nn.Modul
     return layer.to(device)
 
 
-def build_1b(base: str, device: str, compute: torch.dtype) -> nn.Module:
-    """TinyLlama's shape, random weights; NF4 Linears quantized one at a time."""
+def build_1b(base: str, device: str, compute: torch.dtype, **overrides: int) -> nn.Module:
+    """TinyLlama's shape (`overrides` change its config), random weights (seed 0); NF4
+    Linears quantized one at a time."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     with torch.device("meta"):
-        model = LlamaForCausalLM(LlamaConfig(**TINYLLAMA))
+        model = LlamaForCausalLM(LlamaConfig(**{**TINYLLAMA, **overrides}))
     for module in list(model.modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(child, nn.Linear) and child_name in TARGETS:
