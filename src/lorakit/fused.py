@@ -14,8 +14,9 @@ global generator, as nn.Dropout's: on the CPU from `lorakit.dropout_masks` (16-b
 applied block by block); on CUDA from PyTorch's fused dropout kernel, which writes
 k * x / (1 - p) and k in one pass. The big GEMMs (x W^T, g W) run first, on their own, and
 the thin rank-r products add into their result (beta = 1 on the thin GEMM: a big GEMM that
-accumulates into a buffer ran up to 15% slower on CPU BLAS at TinyLlama's sizes). What remains is four thin GEMMs per layer, each one pass over x or g, with the thin side
-laid out (r, N) (`thin_product`), which runs faster than (N, r) on CPU BLAS.
+accumulates into a buffer ran up to 15% slower on CPU BLAS at TinyLlama's sizes). What
+remains is four thin GEMMs per layer, each one pass over x or g, with the thin side laid out
+(r, N) (`thin_product`), which runs faster than (N, r) on CPU BLAS.
 
 When the tokens outweigh the weight and there is no dropout, the low-rank term is cheaper
 folded into the weight: W' = W + sum_a s_a B_a A_a costs passes over W, where the thin path
@@ -34,7 +35,6 @@ from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from .dropout_masks import dropped_product, masked_grads
