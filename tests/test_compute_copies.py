@@ -15,6 +15,7 @@ import pytest
 import torch
 from conftest import randomise_lora
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers.pytorch_utils import Conv1D
 
 import lorakit
@@ -102,6 +103,33 @@ def test_fused_with_the_scale_on_the_gemms_equals_the_plain_path(kind, n, mode):
     rtol = 1e-5 if mode == "float32" else 3e-2
     for got, want in zip(fused, plain):
         _close(got, want, rtol if got.shape[0] == 3 else 3 * rtol)  # factor grads: sums
+
+
+class _Ops(TorchDispatchMode):
+    """Counts the aten ops a block dispatches, by name."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.counts: dict[str, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        name = func.overloadpacket.__name__
+        self.counts[name] = self.counts.get(name, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "train"])
+@pytest.mark.parametrize("mode", ["autocast", "bf16 base"])
+def test_a_forward_with_kept_copies_casts_no_factor_and_has_no_scale_op(mode, grad):
+    layer = _layer("linear", 2, 0.0, mode)
+    x = torch.randn(3, 12, dtype=BF16 if mode == "bf16 base" else torch.float32)
+    with torch.autocast("cpu", dtype=BF16, enabled=mode == "autocast"):
+        layer(x)  # keeps the copies
+        with _Ops() as ops, torch.set_grad_enabled(grad):
+            layer(x)
+    assert not {"mul", "mul_", "div", "div_"} & set(ops.counts), ops.counts
+    casts = 3 if mode == "autocast" else 0  # autocast: x, W and b; never A or B
+    assert ops.counts.get("_to_copy", 0) == casts, ops.counts
 
 
 def _step_outputs(layer: nn.Module, make_opt, steps: int = 3) -> list[torch.Tensor]:
