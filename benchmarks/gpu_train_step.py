@@ -122,7 +122,8 @@ def main() -> None:
     parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
     parser.add_argument(
         "--compile", nargs="*", default=["issue"], choices=list(WORKLOADS),
-        help="workloads that also time compiled (reduce-overhead) steps (default: issue)",
+        help="workloads that also time compiled (reduce-overhead) steps (default: issue; "
+        "none: --compile alone)",
     )  # fmt: skip
     parser.add_argument("--json", help="write the raw results here")
     args = parser.parse_args()
