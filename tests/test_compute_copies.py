@@ -132,6 +132,34 @@ def test_a_forward_with_kept_copies_casts_no_factor_and_has_no_scale_op(mode, gr
     assert ops.counts.get("_to_copy", 0) == casts, ops.counts
 
 
+class _Attention(nn.Module):
+    """q, k and v reading one input: linked for shared-input fusion by their names."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q_proj, self.k_proj, self.v_proj = (nn.Linear(12, 10) for _ in range(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.q_proj(x) + self.k_proj(x) + self.v_proj(x)
+
+
+def test_the_shared_input_path_has_no_scale_op():
+    torch.manual_seed(0)
+    model = _Attention()
+    inject(model, LoraConfig(rank=4, alpha=12.0, targets=("q_proj", "k_proj", "v_proj")))
+    randomise_lora(model)
+    assert lorakit.shared_input_groups(model) == (("q_proj", "k_proj", "v_proj"),)
+    x = torch.randn(3, 12, requires_grad=True)
+    with _Ops() as ops:
+        y = model(x)
+        y.backward(torch.randn(3, 10))
+    assert ops.counts["split_with_sizes"] == 2  # one shared product, one grad GEMM for all three
+    assert not {"mul", "mul_", "div", "div_"} & set(ops.counts), ops.counts
+    unfused = copy.deepcopy(model)
+    lorakit.fuse_shared_inputs(unfused, None)
+    _close(y, unfused(x), 1e-5)
+
+
 def _step_outputs(layer: nn.Module, make_opt, steps: int = 3) -> list[torch.Tensor]:
     """Outputs of a bf16-base layer over optimizer steps on its float32 factors."""
     torch.manual_seed(2)

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .fused import _base_product, _merged, _needs_graph, merge_pays
+from .fused import _base_product, _merged, _needs_graph, _scaled_mm, merge_pays
 
 
 class _StackedProduct(torch.autograd.Function):
@@ -81,7 +81,7 @@ def _layer_forward(
     if plan.merge:
         w = _merged(weight, (A, B), (plan.scale,), plan.transposed)
         return _base_product(x, w if plan.transposed else w.t(), bias)
-    y = F.linear(h, B * plan.scale, bias)  # s folded into the small B: no pass over y for it
+    y = _scaled_mm(h, B.t(), plan.scale, bias)  # s as the GEMM's alpha: no op of its own
     return y.addmm_(x, weight if plan.transposed else weight.t())  # the big GEMM adds into y
 
 
@@ -99,8 +99,8 @@ class _GivenProductLinear(torch.autograd.Function):
         x, weight, h, A, B = ctx.saved_tensors
         plan, need = ctx.plan, ctx.needs_input_grad
         g = g if g.is_contiguous() else g.contiguous()
-        grad_lora_b = (h.t() @ g).mul_(plan.scale).t() if need[5] else None  # (out, r)
-        u = (g @ B).mul_(plan.scale) if need[3] or (need[0] and not plan.merge) else None
+        grad_lora_b = _scaled_mm(h.t(), g, plan.scale).t() if need[5] else None  # (out, r)
+        u = _scaled_mm(g, B, plan.scale) if need[3] or (need[0] and not plan.merge) else None
         grad_x = _grad_x(g, weight, A, B, u, plan) if need[0] else None
         grad_w = None
         if need[1]:
