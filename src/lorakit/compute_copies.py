@@ -11,8 +11,9 @@ on a GPU running a small model cost about as much as the products themselves.
   swap, `module.to(device)`), shape, dtype and device. A changed factor gets a new copy; an
   old copy is never written, since a pending backward may hold it.
 - Every optimizer step drops all copies (a global post-step hook of `torch.optim`, set with
-  the first copy): fused optimizers (torch's `fused=True`, apex, bitsandbytes) write the
-  parameters without bumping their version counters. So a train step casts once per step.
+  the first copy): fused optimizers write the parameters without bumping their version
+  counters (torch's `fused=True` AdamW does), as may any optimizer with its own kernels.
+  So a train step casts once per step.
 - The copy is made under no_grad from the detached factor: it holds no graph, and gradients
   still go to the factor, which the fused op takes as its input (autograd casts the
   gradient back to the factor's dtype).
