@@ -12,7 +12,7 @@ on a GPU running a small model cost about as much as the products themselves.
   old copy is never written, since a pending backward may hold it.
 - Every optimizer step drops all copies (a global post-step hook of `torch.optim`, set with
   the first copy): fused optimizers write the parameters without bumping their version
-  counters (torch's `fused=True` AdamW does), as may any optimizer with its own kernels.
+  counters (torch's `fused=True` AdamW and bitsandbytes' optimizers do), as may others.
   So a train step casts once per step.
 - The copy is made under no_grad from the detached factor: it holds no graph, and gradients
   still go to the factor, which the fused op takes as its input (autograd casts the
