@@ -10,6 +10,11 @@ in bf16 and float32 adapters (both libraries' default), on two workloads: the is
 32 heads, 2 layers, vocab 32000, batch 4 x 1024). Each call is timed to a device
 synchronisation; ratios are medians of per-round ratios. Peak memory of a train step is
 `torch.cuda.max_memory_allocated` above what was allocated before it.
+
+With `--compile` (default: the issue's small workload) the train table adds the floor and
+lorakit compiled as CUDA graphs, `torch.compile(model, mode="reduce-overhead")`: the way to
+run small models, whose steps are short enough that kernel launches dominate. Their rows
+include compilation only in the warm-up calls.
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ WORKLOADS = {
 }
 TRAIN_VARIANTS = [("floor", 0.0), ("full", 0.0), ("lorakit", 0.0), ("peft", 0.0)]
 TRAIN_VARIANTS += [("lorakit", 0.1), ("peft", 0.1)]
+COMPILED_VARIANTS = [("floor", 0.0), ("lorakit", 0.0)]  # mode="reduce-overhead"
 
 
 def _sync(device: torch.device) -> None:
@@ -57,20 +63,29 @@ def _label(name: str, p: float) -> str:
     return name if p == 0 else f"{name} dropout {p:g}"
 
 
-def train_section(w: Workload, device, dtype, reps: int) -> tuple[dict, dict]:
+def _compiled(model: torch.nn.Module) -> torch.nn.Module:
+    """`model` as CUDA graphs (torch.compile's "reduce-overhead"; plain inductor on a CPU)."""
+    return torch.compile(model, mode="reduce-overhead")
+
+
+def train_section(w: Workload, device, dtype, reps: int, compiled: bool) -> tuple[dict, dict]:
     """Per-round seconds of each train variant, and each one's peak step memory (MiB)."""
     base = build_base(w).to(device, dtype)
     ids = input_ids(w).to(device)
     models = {}
     for name, p in TRAIN_VARIANTS:
         models[_label(name, p)] = make_variant(name, base, dataclasses.replace(w, dropout=p))
+    for name, p in COMPILED_VARIANTS if compiled else ():
+        model = make_variant(name, base, dataclasses.replace(w, dropout=p)).train()
+        models[f"{_label(name, p)} compiled"] = _compiled(model)
     del base
     fns, memory = {}, {}
     for label, model in models.items():
         model.train()
-        floor = label == "floor"
+        floor = label.startswith("floor")
 
         def run(model=model, floor=floor) -> None:
+            torch.compiler.cudagraph_mark_step_begin()  # a new step: earlier outputs are dead
             train_step(model, ids, floor)
             _sync(device)
 
@@ -105,6 +120,11 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=20)
     parser.add_argument("--quick", action="store_true", help="tiny workloads, 3 rounds")
     parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
+    parser.add_argument(
+        "--compile", nargs="*", default=["issue"], choices=list(WORKLOADS),
+        help="workloads that also time compiled (reduce-overhead) steps (default: issue; "
+        "none: --compile alone)",
+    )  # fmt: skip
     parser.add_argument("--json", help="write the raw results here")
     args = parser.parse_args()
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
@@ -118,7 +138,7 @@ def main() -> None:
         if args.quick:
             w = dataclasses.replace(w, hidden=64, intermediate=128, heads=4, vocab=256, layers=2)
         started = time.perf_counter()
-        train, memory = train_section(w, device, dtype, reps)
+        train, memory = train_section(w, device, dtype, reps, key in args.compile)
         rows = [("train step", "ms", "/ floor", "/ PEFT (same dropout)", "peak MiB", "/ PEFT")]
         for label, t in train.items():
             ref = "peft dropout 0.1" if "dropout" in label else "peft"
@@ -135,6 +155,11 @@ def main() -> None:
         irows += [(k, f"{median(t) * 1e3:.2f}", f"{paired_ratio(infer, k, 'base'):.3f}")
                   for k, t in infer.items()]  # fmt: skip
         print(f"## {key}: {w.label()}\n\n{table(rows)}\n\n{table(irows)}\n")
+        if "lorakit compiled" in train:
+            pairs = (("lorakit compiled", "floor compiled"), ("lorakit compiled", "lorakit"),
+                     ("floor compiled", "floor"))  # fmt: skip
+            print("compiled (reduce-overhead): " + ", ".join(
+                f"{a} / {b} {paired_ratio(train, a, b):.3f}" for a, b in pairs) + "\n")  # fmt: skip
         print(f"({time.perf_counter() - started:.0f} s)\n", flush=True)
         results[key] = {"workload": dataclasses.asdict(w), "train": train, "memory_mib": memory,
                         "infer": infer}  # fmt: skip

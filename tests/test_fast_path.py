@@ -278,3 +278,37 @@ def test_meta_device_layers_run():
         model = nn.Sequential(nn.Linear(12, 10))
     inject(model, LoraConfig(targets=("0",)))
     assert model(torch.empty(3, 12, device="meta")).shape == (3, 10)
+
+
+DECODER_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["float32", "bf16-autocast"])
+def test_compile_fullgraph_on_a_llama_decoder_layer(autocast):
+    """A whole decoder layer, LoRA on every linear layer, compiles as one graph with inductor
+    and matches eager; shared-input fusion (on, eager) stands aside under compile."""
+    model = tiny_llama()
+    inject(model, LoraConfig(rank=4, targets=DECODER_TARGETS))
+    randomise_lora(model)
+    assert lorakit.shared_input_groups(model)  # q/k/v and gate/up linked
+    block = model.model.layers[0]
+    torch.manual_seed(0)
+    hidden = torch.randn(2, 7, 32, requires_grad=True)
+    cos_sin = model.model.rotary_emb(hidden, torch.arange(7).unsqueeze(0))
+    params = [p for p in block.parameters() if p.requires_grad]
+    assert len(params) == 2 * len(DECODER_TARGETS)
+
+    def run(fn) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = fn(hidden, position_embeddings=cos_sin)
+        out = out[0] if isinstance(out, tuple) else out
+        return out, torch.autograd.grad(out.float().square().sum(), [hidden, *params])
+
+    eager, eager_grads = run(block)
+    torch._dynamo.reset()
+    compiled, grads = run(torch.compile(block, fullgraph=True))
+    assert compiled.dtype == eager.dtype  # the float32 residual stream, autocast or not
+    rtol = 3e-2 if autocast else 1e-4
+    _close(compiled, eager, rtol)
+    for got, want in zip(grads, eager_grads):
+        _close(got, want, 2 * rtol)

@@ -10,7 +10,8 @@ from lorakit.fused import _merged
 @pytest.mark.parametrize("transposed", [False, True])
 @pytest.mark.parametrize("ranks", [(4,), (2, 8), (3, 1, 5)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_folded_grads_equal_the_separate_products(transposed, ranks, dtype):
+@pytest.mark.parametrize("u_scale", [1.0, 3.0])
+def test_folded_grads_equal_the_separate_products(transposed, ranks, dtype, u_scale):
     torch.manual_seed(0)
     n_out, n_in, n = 12, 7, 9
     weight = torch.randn(n_in, n_out) if transposed else torch.randn(n_out, n_in)
@@ -20,13 +21,13 @@ def test_folded_grads_equal_the_separate_products(transposed, ranks, dtype):
         factors += [torch.randn(r, n_in, dtype=dtype), torch.randn(n_out, r, dtype=dtype)]
     scales = tuple(0.5 + i for i in range(len(ranks)))
     g = torch.randn(n, n_out, dtype=dtype)
-    grad_x, us = folded_grads(g, weight, factors, scales, transposed)
+    grad_x, us = folded_grads(g, weight, factors, scales, transposed, u_scale)
     w_prime = _merged(weight, tuple(factors), scales, transposed)
     expected_x = g @ (w_prime.t() if transposed else w_prime)
     torch.testing.assert_close(grad_x, expected_x)
     assert len(us) == len(ranks)
-    for i, (u, s) in enumerate(zip(us, scales)):
-        torch.testing.assert_close(u, s * (g @ factors[2 * i + 1]))
+    for i, u in enumerate(us):
+        torch.testing.assert_close(u, u_scale * (g @ factors[2 * i + 1]))
     assert grad_x.shape == (n, n_in) and [u.shape for u in us] == [(n, r) for r in ranks]
 
 

@@ -1,13 +1,15 @@
 """The fused fast path: y = x W^T + b + sum_a s_a * B_a(A_a(drop_a(x))) as one autograd node.
 
 One node per adapted Linear / GPT-2 Conv1D, for N tokens, W (out, in) frozen, k_a the 0/1
-dropout keep-mask of adapter a and s'_a = s_a / (1 - p_a):
+dropout keep-mask of adapter a, d_a = 1 / (1 - p_a) and s'_a = s_a d_a:
 
-    forward:   h_a = s'_a * (k_a * x) A_a^T  (N, r);  y = b + sum_a h_a B_a^T;  y += x W^T
-    backward:  u_a = s'_a * g B_a  (N, r)
-               grad_x = sum_a (u_a A_a) * k_a + g W,  grad_A_a = u_a^T (k_a * x),
-               grad_B_a = (h_a^T g)^T,  grad_b = sum_N g
+    forward:   h_a = d_a (k_a * x) A_a^T  (N, r);  y = b + sum_a s_a h_a B_a^T;  y += x W^T
+    backward:  u_a = g B_a  (N, r)
+               grad_x = sum_a s'_a (u_a A_a) * k_a + g W,  grad_A_a = s'_a u_a^T (k_a * x),
+               grad_B_a = s_a (h_a^T g)^T,  grad_b = sum_N g
 
+The scales ride on the GEMMs as their alpha: no pass over y, h or u of their own (with
+dropout, u_a is scaled by s'_a before its masked products, and h_a by d_a as it is taken).
 It keeps x (the caller's tensor, no copy), each h_a (N, r) and, with dropout, each mask k_a
 as booleans, never computes a gradient for W unless W asks for one. Masks come from the
 global generator, as nn.Dropout's: on the CPU from `lorakit.dropout_masks` (16-bit draws,
@@ -17,6 +19,9 @@ the thin rank-r products add into their result (beta = 1 on the thin GEMM: a big
 accumulates into a buffer ran up to 15% slower on CPU BLAS at TinyLlama's sizes). What
 remains is four thin GEMMs per layer, each one pass over x or g, with the thin side laid out
 (r, N) (`thin_product`), which runs faster than (N, r) on CPU BLAS.
+Float32 factors computed in another dtype (bf16 autocast, a bf16 base) are multiplied as cast
+copies kept between calls (`lorakit.compute_copies`), while the float32 factors are the
+node's inputs.
 
 When the tokens outweigh the weight and there is no dropout, the low-rank term is cheaper
 folded into the weight: W' = W + sum_a s_a B_a A_a costs passes over W, where the thin path
@@ -37,6 +42,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from .compute_copies import factors_in_dtype
 from .dropout_masks import dropped_product, masked_grads
 from .folded_grad import folded_grads
 
@@ -113,10 +119,19 @@ def _resolved(plan: _Plan, n_tokens: int, weight: Tensor, dtype: torch.dtype) ->
     return _Plan(scales, dropout, plan.seed, plan.transposed, merge)
 
 
-def _dropout_h(
-    x: Tensor, A: Tensor, s: float, p: float, seed: int | None
-) -> tuple[Tensor, Tensor, float]:
-    """(h, keep, d) for 2D x: h = s drop(x) A^T (N, r), keep the boolean mask, d = 1 / (1 - p).
+def _scaled_mm(a: Tensor, b: Tensor, s: float, bias: Tensor | None = None) -> Tensor:
+    """s a b (+ bias), s as the GEMM's alpha: no pass over the result of its own."""
+    if bias is not None:
+        return torch.addmm(bias, a, b, alpha=s)
+    if s == 1.0:
+        return a @ b
+    if torch.compiler.is_compiling():  # inductor fuses the scale; beta = 0 on an empty
+        return (a @ b) * s  # tensor would meet its rank-1 decomposition (0 * NaN)
+    return a.new_empty(a.shape[0], b.shape[1]).addmm_(a, b, beta=0, alpha=s)
+
+
+def _dropout_h(x: Tensor, A: Tensor, p: float, seed: int | None) -> tuple[Tensor, Tensor, float]:
+    """(h, keep, d) for 2D x: h = drop(x) A^T = d (keep * x) A^T (N, r), d = 1 / (1 - p).
 
     On CUDA, `native_dropout` gives the dropped, scaled x and the mask in one pass, from the
     global generator; on the CPU the mask comes from `dropout_masks` (p' to 2**-16,
@@ -124,18 +139,18 @@ def _dropout_h(
     """
     if x.device.type in _FUSED_DROPOUT_DEVICES:
         x_in, keep = torch.native_dropout(x, p, True)
-        return (x_in @ A.t()).mul_(s), keep, 1.0 / (1.0 - p)
-    return dropped_product(x, A, s, p, seed)
+        return x_in @ A.t(), keep, 1.0 / (1.0 - p)
+    return dropped_product(x, A, 1.0, p, seed)
 
 
-def thin_product(x: Tensor, A: Tensor, s: float) -> Tensor:
-    """s x A^T (N, r) for x (N, in), A (r, in): taken as s A x^T (r, N), returned transposed.
+def thin_product(x: Tensor, A: Tensor) -> Tensor:
+    """x A^T (N, r) for x (N, in), A (r, in): taken as A x^T (r, N), returned transposed.
 
     On CPU BLAS (MKL, one core, N 2048, r 8) the (r, N) layout runs 1.5x (in 512) to 3.4x
     (g B with out 1376) faster than (N, r); and h^T, u^T come out contiguous for the
     reductions over N that follow (grad B = (h^T g)^T, grad A = u^T x).
     """
-    return (A @ x.t()).mul_(s).t()
+    return (A @ x.t()).t()
 
 
 def _base_product(x: Tensor, w_t: Tensor, bias: Tensor | None) -> Tensor:
@@ -151,7 +166,7 @@ def _merged_forward(
     scales = plan.scales
     w_t = _merged(weight, factors, scales, plan.transposed)
     y = _base_product(x, w_t if plan.transposed else w_t.t(), bias)
-    hs = [thin_product(x, factors[2 * i], s) for i, s in enumerate(scales)] if keep else []
+    hs = [thin_product(x, factors[2 * i]) for i in range(len(scales))] if keep else []
     return y, hs, [None] * len(scales), [1.0] * len(scales)
 
 
@@ -176,12 +191,12 @@ def _fused_forward(
     hs, masks, dscales = [], [], []
     for i, (s, p) in enumerate(zip(plan.scales, plan.dropout)):
         A, B = factors[2 * i], factors[2 * i + 1]
-        if p == 0:  # h: (N, r), s folded in: grad_B = (h^T g)^T
-            h, mask, d = thin_product(x, A, s), None, 1.0
+        if p == 0:  # h: (N, r); s rides on the GEMM that adds h B^T
+            h, mask, d = thin_product(x, A), None, 1.0
         else:
             seed = None if plan.seed is None else plan.seed + i
-            h, mask, d = _dropout_h(x, A, s, p, seed)
-        y.addmm_(h, B.t())
+            h, mask, d = _dropout_h(x, A, p, seed)
+        y.addmm_(h, B.t(), alpha=s)
         hs.append(h)
         masks.append(mask)
         dscales.append(d)
@@ -203,40 +218,46 @@ def _low_rank_grads(
     for i, (s, d) in enumerate(zip(plan.scales, dscales)):
         A, B, h, keep = factors[2 * i], factors[2 * i + 1], hs[i], masks[i]
         need_a, need_bb = need[4 + 2 * i], need[5 + 2 * i]
-        grad_b_a = (h.t() @ g).t() if need_bb else None  # (out, r), while g is in cache
+        grad_b_a = _scaled_mm(h.t(), g, s).t() if need_bb else None  # (out, r), g in cache
         if plan.merge and not need_a:
             grad_factors += [None, grad_b_a]
             continue
-        u = us[i] if us is not None else thin_product(g, B.t(), s * d)  # (N, r) = s' g B
+        u = us[i] if us is not None else thin_product(g, B.t())  # (N, r) = g B
         grad_a = None
         if keep is not None:  # dropout: never merged
             blocks = x.device.type not in _FUSED_DROPOUT_DEVICES
+            u.mul_(s * d)  # the masked products take no alpha
             term, grad_a = masked_grads(u, A, x, keep, need[0], need_a, blocks)
             if term is not None:
                 grad_x = term if grad_x is None else grad_x.add_(term)
         else:
             if need[0] and not plan.merge:
-                grad_x = u @ A if grad_x is None else grad_x.addmm_(u, A)
+                grad_x = _scaled_mm(u, A, s) if grad_x is None else grad_x.addmm_(u, A, alpha=s)
             if need_a:
-                grad_a = u.t() @ x  # (r, in)
+                grad_a = _scaled_mm(u.t(), x, s)  # (r, in)
         grad_factors += [grad_a, grad_b_a]
     return grad_x, grad_factors
 
 
 class _FusedLoraLinear(torch.autograd.Function):
-    """Autograd node of `fused_lora_linear` on 2D inputs (see the module docstring)."""
+    """Autograd node of `fused_lora_linear` on 2D inputs (see the module docstring); the
+    factors may be followed by their compute copies, multiplied in their place."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, plan, *factors):  # noqa: ANN001
+    def forward(ctx, x, weight, bias, plan, *tensors):  # noqa: ANN001
+        n = 2 * len(plan.scales)
+        factors = tensors[n:] or tensors[:n]
         y, hs, masks, dscales = _fused_forward(x, weight, bias, factors, plan)
         ctx.save_for_backward(x, weight, *factors, *hs, *masks)
         ctx.plan, ctx.dscales, ctx.has_bias = plan, dscales, bias is not None
+        ctx.copies = len(tensors) - n
         return y
 
     @staticmethod
     def backward(ctx, g):  # noqa: ANN001
         x, weight, *rest = ctx.saved_tensors
-        return fused_backward(ctx, g, x, weight, tuple(rest), ctx.needs_input_grad)
+        grads = fused_backward(ctx, g, x, weight, tuple(rest), ctx.needs_input_grad)
+        return *grads, *(None,) * ctx.copies  # the compute copies get none
 
 
 def fused_backward(
@@ -278,16 +299,15 @@ def _fused_in_x_dtype(
     dtype = x.dtype
     x2 = x.reshape(-1, x.shape[-1])  # a view for contiguous x: nothing copied
     graph = _needs_graph(x2, weight, bias, *lora_A, *lora_B)
-    factors: list[Tensor] = []
-    for A, B in zip(lora_A, lora_B):
-        factors += (A if A.dtype is dtype else A.to(dtype), B if B.dtype is dtype else B.to(dtype))
+    factors, computes = factors_in_dtype(lora_A, lora_B, dtype)
     if bias is not None and bias.dtype is not dtype:
         bias = bias.to(dtype)
     plan = _resolved(plan, x2.shape[0], weight, dtype)
     if graph:
-        y = _FusedLoraLinear.apply(x2, weight, bias, plan, *factors)
+        copies = computes if any(c is not f for c, f in zip(computes, factors)) else ()
+        y = _FusedLoraLinear.apply(x2, weight, bias, plan, *factors, *copies)
     else:  # inference: the same kernels, and no autograd node to keep anything alive
-        y, *_ = _fused_forward(x2, weight, bias, tuple(factors), plan, keep=False)
+        y, *_ = _fused_forward(x2, weight, bias, tuple(computes), plan, keep=False)
     return y.view(*x.shape[:-1], y.shape[-1])
 
 
@@ -312,8 +332,9 @@ def fused_lora_linear(
     generator (on the CPU via `dropout_keep`, p to 2**-16; on CUDA from `torch.native_dropout`,
     exact p), or on the CPU with an int `seed` from a private generator seeded with `seed + a`,
     and is kept as booleans for the backward (never a copy of x).
-    Computes in x's dtype (adapter factors are cast to it: a tiny copy, never one of x);
-    under autocast, in autocast's dtype.
+    Computes in x's dtype (adapter factors are cast to it: a tiny copy, never one of x, kept
+    between calls while the factor is unchanged: `compute_copies`); under autocast, in
+    autocast's dtype.
     Gradients flow to x, A, B, and to weight and bias only when they require grad.
     `merge` folds the adapters into a transient W' (see above); None decides by `merge_pays`.
     """
@@ -324,9 +345,7 @@ def fused_lora_linear(
     dtype = autocast_dtype(x.device.type)
     if dtype is None or not x.is_floating_point():
         return _fused_in_x_dtype(x, weight, bias, lora_A, lora_B, plan)
-    with torch.autocast(x.device.type, enabled=False):
+    with torch.autocast(x.device.type, enabled=False):  # the factors: `factors_in_dtype`
         x, weight = x.to(dtype), weight.to(dtype)
         bias = None if bias is None else bias.to(dtype)
-        lora_A = tuple(A.to(dtype) for A in lora_A)
-        lora_B = tuple(B.to(dtype) for B in lora_B)
         return _fused_in_x_dtype(x, weight, bias, lora_A, lora_B, plan)

@@ -25,11 +25,10 @@ from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from .folded_grad import folded_grads
-from .fused import _base_product, _merged, _needs_graph, merge_pays, thin_product
+from .fused import _base_product, _merged, _needs_graph, _scaled_mm, merge_pays
 
 
 class _StackedProduct(torch.autograd.Function):
@@ -84,8 +83,8 @@ def _layer_forward(
     if plan.merge:
         w = _merged(weight, (A, B), (plan.scale,), plan.transposed)
         return _base_product(x, w if plan.transposed else w.t(), bias)
-    y = F.linear(h, B * plan.scale, bias)  # s folded into the small B: no pass over y for it
-    return y.addmm_(x, weight if plan.transposed else weight.t())  # the big GEMM adds into y
+    y = _base_product(x, weight if plan.transposed else weight.t(), bias)  # the big GEMM first
+    return y.addmm_(h, B.t(), alpha=plan.scale)  # s as the GEMM's alpha: no op of its own
 
 
 class _GivenProductLinear(torch.autograd.Function):
@@ -102,12 +101,13 @@ class _GivenProductLinear(torch.autograd.Function):
         x, weight, h, A, B = ctx.saved_tensors
         plan, need = ctx.plan, ctx.needs_input_grad
         g = g if g.is_contiguous() else g.contiguous()
-        grad_lora_b = (h.t() @ g).mul_(plan.scale).t() if need[5] else None  # (out, r)
-        if need[0] and plan.merge:  # g W' and u from one GEMM
-            grad_x, (u,) = folded_grads(g, weight, (A, B), (plan.scale,), plan.transposed)
-        else:
-            u = thin_product(g, B.t(), plan.scale) if need[3] or need[0] else None
-            grad_x = (u @ A).addmm_(g, _out_in(weight, plan)) if need[0] else None
+        grad_lora_b = _scaled_mm(h.t(), g, plan.scale).t() if need[5] else None  # (out, r)
+        s = plan.scale
+        if need[0] and plan.merge:  # g W' and u = s g B from one GEMM
+            grad_x, (u,) = folded_grads(g, weight, (A, B), (s,), plan.transposed, u_scale=s)
+        else:  # u = s g B = grad h, taken as (r, N) (`fused.thin_product`)
+            u = _scaled_mm(B.t(), g.t(), s).t() if need[3] or need[0] else None
+            grad_x = (g @ _out_in(weight, plan)).addmm_(u, A) if need[0] else None
         grad_w = None
         if need[1]:
             grad_w = x.t() @ g if plan.transposed else g.t() @ x
