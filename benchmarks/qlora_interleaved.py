@@ -1,7 +1,7 @@
 """QLoRA train-step time side by side in one process: frozen NF4 base, lorakit, PEFT.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/qlora_interleaved.py [--layers 2]
-        [--vocab 2048] [--reps 5] [--batch 4] [--tokens 256]
+        [--vocab 2048] [--reps 5] [--batch 4] [--tokens 256] [--no-checkpointing]
 
 `qlora.py` times each cell in its own process, one after another, so a machine that slows
 down between cells moves the ratio (single 1B cells varied by 5-10% between runs). Here the
@@ -51,13 +51,15 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--tokens", type=int, default=256)
+    parser.add_argument("--no-checkpointing", action="store_true")
     args = parser.parse_args()
     shape = dict(num_hidden_layers=args.layers, vocab_size=args.vocab)
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, args.vocab, (args.batch, args.tokens), generator=gen)
     fns = {}
     for name in VARIANTS:
-        model = adapted(build_1b("nf4", "cpu", torch.float32, **shape), name, True).train()
+        base = build_1b("nf4", "cpu", torch.float32, **shape)
+        model = adapted(base, name, not args.no_checkpointing).train()
         model.config.use_cache = False
         fns[name] = step_fn(model, ids)
     times = interleaved(fns, args.reps, clock="cpu")
@@ -68,8 +70,9 @@ def main() -> None:
         rows.append((name, f"{statistics.median(times[name]):.2f}",
                      f"{statistics.median(per_round):.3f}",
                      f"{statistics.median(vs_peft):.3f}"))  # fmt: skip
+    checkpointing = "no checkpointing" if args.no_checkpointing else "checkpointing"
     print(f"TinyLlama block shape x {args.layers}, vocab {args.vocab}, NF4, rank 16, "
-          f"batch {args.batch}x{args.tokens}, checkpointing, {args.reps} rounds, CPU time "
+          f"batch {args.batch}x{args.tokens}, {checkpointing}, {args.reps} rounds, CPU time "
           f"({torch.get_num_threads()} threads)\n")  # fmt: skip
     print(table(rows))
 
