@@ -72,3 +72,16 @@ def test_finetune_resume_gives_the_uninterrupted_rows(tmp_path) -> None:
     assert all(torch.equal(whole[k], resumed[k]) for k in whole)
     base = load_file(folder / "model.safetensors")["model.embed_tokens.weight"][ids]
     assert (whole[key] != base).any(dim=1).all()  # the rows moved: a real comparison
+
+
+def test_the_new_tokens_example_runs():
+    """examples/new_tokens.py: trains only the new rows and reloads to the same logits."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    example = Path(__file__).resolve().parents[1] / "examples" / "new_tokens.py"
+    done = subprocess.run([sys.executable, str(example)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "rows changed: [126, 127]" in done.stdout
+    assert "the reloaded adapter gives the same logits: True" in done.stdout
