@@ -133,3 +133,49 @@ def test_inference_builds_no_graph_and_matches_the_plain_path():
         reference = plain(model, x)
     assert fused.grad_fn is None
     assert_near(fused, reference)
+
+
+@pytest.mark.parametrize("tokens", [3, 400])  # the two-node thin path; the folded node
+def test_no_float_weight_is_saved_on_either_path(tokens):
+    model = adapted("nf4")
+    layer = model[0]
+    saved = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = layer(torch.randn(tokens, IN, requires_grad=True))
+    assert saved and (layer.out_features, layer.in_features) not in saved
+    y.sum().backward()
+
+
+def _count_dequantizations(monkeypatch) -> list[int]:
+    import lorakit.fused_quantized as fq
+
+    calls = [0]
+    real = fq.dequantize_4bit
+
+    def counting(*args, **kwargs):
+        calls[0] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fq, "dequantize_4bit", counting)
+    return calls
+
+
+def test_checkpoint_recomputation_stops_before_the_last_base(monkeypatch):
+    """Under non-reentrant checkpointing the block's last adapted 4-bit layer is not
+    dequantized (nor multiplied) again: its low-rank node saves everything first."""
+    from torch.utils.checkpoint import checkpoint
+
+    model = adapted("nf4")
+    x = torch.randn(3, IN)
+    reference = outputs_and_grads(model, x, model)
+    calls = _count_dequantizations(monkeypatch)
+    got = outputs_and_grads(model, x, lambda t: checkpoint(model, t, use_reentrant=False))
+    for a, b in zip(got, reference):
+        assert_near(a, b)
+    # forward 2 layers + recompute of the first only + backward of both
+    assert calls[0] == 2 + 1 + 2

@@ -7,6 +7,8 @@ frozen base's whole step. Here the one node of `lorakit.fused` runs on W = dequa
 the same equations and kernels as on a float base (W' folded where it pays, grad x and u
 from one GEMM), and the dequantized weight is never saved: the backward dequantizes it
 again, as bitsandbytes does, so memory stays QLoRA's (no float copy of W outlives a call).
+In training on the thin path without dropout the node is split in two, the adapters' term
+first, so that checkpoint recomputation can stop before the base (`lorakit.low_rank_term`).
 
 The base part is bitsandbytes' own numbers: the same dequantization, in the dtype the
 weight was quantized from, which must be x's (float32 on the CPU by default); anything else
@@ -25,6 +27,7 @@ from torch import Tensor, nn
 from .fused import _fused_forward, _Plan, _resolved, autocast_dtype, fused_backward
 from .layers.linear import _dropout_p, _with_lora_biases
 from .layers.lora import LoRA
+from .low_rank_term import low_rank_then_base
 
 
 class _FusedTransientWeight(torch.autograd.Function):
@@ -67,16 +70,18 @@ def fused_4bit_linear(
     """
     x2 = x.reshape(-1, x.shape[-1])
     redo = _dequantizer(codes, x.dtype)
-    weight = redo()
     bias = _with_lora_biases(None if bias is None else bias.to(x.dtype), list(adapters))
     scales = tuple(a.scaling for a in adapters)
     plan = _Plan(scales, tuple(_dropout_p(a) for a in adapters), None, False, None)
-    plan = _resolved(plan, x2.shape[0], weight, x.dtype)
+    shape = torch.empty(codes.quant_state.shape, dtype=x.dtype, device="meta")  # W, unmade
+    plan = _resolved(plan, x2.shape[0], shape, x.dtype)
     factors = [t for a in adapters for t in (a.lora_A, a.lora_B)]
-    if torch.is_grad_enabled():
-        y = _FusedTransientWeight.apply(x2, weight, bias, plan, redo, *factors)
+    if torch.is_grad_enabled() and not plan.merge and not any(plan.dropout):
+        y = low_rank_then_base(x2, bias, redo, factors, plan)  # recompute-friendly
+    elif torch.is_grad_enabled():
+        y = _FusedTransientWeight.apply(x2, redo(), bias, plan, redo, *factors)
     else:
-        y, *_ = _fused_forward(x2, weight, bias, tuple(factors), plan, keep=False)
+        y, *_ = _fused_forward(x2, redo(), bias, tuple(factors), plan, keep=False)
     return y.view(*x.shape[:-1], y.shape[-1])
 
 
